@@ -1,0 +1,99 @@
+"""`syndiff-stream bench`: an honest measurement of the streaming pipeline.
+
+Warm up first (compilation, allocation, ONNX session set-up happen before the clock starts);
+synchronise the GPU before reading clocks; time the real graph (decode, preprocess, backend,
+smoothing off, polyps, a ZeroMQ publisher with no subscriber) and report what was measured.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from itertools import islice
+
+import numpy as np
+import torch
+
+from .backends import Backend
+from .frames import Mode
+from .model import Segmenter
+from .pipeline import Pipeline
+from .preprocess import prepare
+from .publish import Publisher
+from .smoothing import SmoothingConfig, evaluate_smoothing
+from .sources import Source
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(seg: Segmenter, x: torch.Tensor, steps: int, repeats: int = 1) -> float:
+    """Frames per second of `steps`-step inference, one frame at a time, after one warm-up call."""
+    device = x.device
+
+    def once(frame):
+        return seg.predict_proba(frame) if steps == 1 else seg.predict_proba_multistep(frame, steps)
+
+    once(x[:1])
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for i in range(len(x)):
+            once(x[i:i + 1])
+    sync(device)
+    return repeats * len(x) / (time.perf_counter() - start)
+
+
+def compare_step_counts(seg: Segmenter, source: Source, steps: int, frames: int = 3) -> dict:
+    """Single step vs `steps`-step DDIM on the same frames, both eager PyTorch, in this run."""
+    size = seg.config.image_size
+    images = [f.image for f in islice(source, frames)]
+    source.close()
+    if not images:
+        raise ValueError("the source gave no frames to compare on")
+    device = next(seg.parameters()).device
+    x = torch.from_numpy(np.stack([prepare(im, size)[0] for im in images])).to(device)
+    single = time_steps(seg, x, 1, repeats=5)
+    multi = time_steps(seg, x, steps)
+    return {"compare_steps": steps, "compare_backend": "eager", "single_step_fps": round(single, 2),
+            "multistep_fps": round(multi, 3), "speedup": round(single / multi, 2)}
+
+
+def run_benchmark(seg: Segmenter, backend: Backend, make_source: Callable[[], Source], frames: int = 200,
+                  mode: Mode | None = None, batch_size: int | None = None, compare_steps: int = 0,
+                  compare_frames: int = 3, smoothing: SmoothingConfig | None = None) -> dict:
+    """One JSON-ready dict; `make_source` is called once per measurement (each needs fresh frames)."""
+    source = make_source()
+    pipeline = Pipeline(source, backend, [Publisher("tcp://127.0.0.1:*")], mode=mode,
+                        batch_size=batch_size, max_frames=frames)
+    backend.warmup(sorted({1, pipeline.batch_size}))
+    sync(backend.device)
+    stats = pipeline.run()
+    sync(backend.device)
+    report = {
+        "device": device_name(backend.device), "backend": backend.name, "model_params": seg.num_parameters(),
+        "input_size": backend.input_size, "source": source.source_id, "batch": pipeline.batch_size,
+        **stats.as_dict(), "torch_threads": torch.get_num_threads(),
+    }
+    if compare_steps:
+        report.update(compare_step_counts(seg, make_source(), compare_steps, compare_frames))
+    if smoothing is not None:
+        size = backend.input_size
+
+        def predict(frame):
+            x, fov = prepare(frame.image, size)
+            return backend.infer(torch.from_numpy(x[None]).to(backend.device))[0, 0].cpu().numpy(), fov
+
+        report["smoothing"] = evaluate_smoothing(islice(make_source(), frames), predict, smoothing,
+                                                 seg.config.threshold).as_dict()
+    return report
+

@@ -1,0 +1,146 @@
+"""The two middle stages of the graph: preprocess a frame, run a batch through the backend.
+
+On CPU, `Preprocessor` runs in the decode thread (so it overlaps inference) and `HostRunner`
+calls the backend. On CUDA, the heavy part of preprocessing (crop, resize, normalise the full
+frame) runs on the device inside `CudaRunner`, which overlaps upload, compute and download of
+consecutive batches on three CUDA streams with pinned, double-buffered host memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backends import Backend
+from .frames import Frame
+from .preprocess import FieldOfView, find_field_of_view, prepare
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A frame with its field of view and, on the CPU path, its model input (3, S, S)."""
+
+    frame: Frame
+    fov: FieldOfView
+    x: np.ndarray | None = None
+
+
+class Preprocessor:
+    """Frame -> Prepared. `on_device` leaves the crop/resize to the GPU runner (the field of view
+    is still found here, on a 128-pixel thumbnail, which is cheap)."""
+
+    def __init__(self, size: int, on_device: bool = False):
+        self.size, self.on_device = size, on_device
+
+    def __call__(self, frame: Frame) -> Prepared:
+        if self.on_device:
+            return Prepared(frame, find_field_of_view(frame.image))
+        x, fov = prepare(frame.image, self.size)
+        return Prepared(frame, fov, x)
+
+
+def prepare_on_device(images: torch.Tensor, fovs: Sequence[FieldOfView], size: int) -> torch.Tensor:
+    """uint8 (N, H, W, 3) on any device -> model input (N, 3, S, S) in [-1, 1]: crop each field of
+    view, resize with antialiasing (the GPU counterpart of OpenCV's INTER_AREA), normalise."""
+    out = []
+    for image, fov in zip(images, fovs):
+        crop = image[fov.y0:fov.y1, fov.x0:fov.x1].permute(2, 0, 1)[None].float()
+        out.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
+    return torch.cat(out) * (1 / 127.5) - 1.0
+
+
+class Done:
+    """A finished batch (CPU path): `result()` returns model-resolution probabilities (N, S, S)."""
+
+    def __init__(self, prob: np.ndarray):
+        self.prob = prob
+
+    def result(self) -> np.ndarray:
+        return self.prob
+
+
+class HostRunner:
+    """CPU path: stack the prepared inputs, infer, return numpy."""
+
+    depth = 1  # batches in flight
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+
+    def submit(self, items: Sequence[Prepared]) -> Done:
+        x = torch.from_numpy(np.stack([item.x for item in items]))
+        return Done(self.backend.infer(x.to(self.backend.device))[:, 0].cpu().numpy())
+
+
+class CudaPending:
+    def __init__(self, done: torch.cuda.Event, host_out: torch.Tensor):
+        self.done, self.host_out = done, host_out
+
+    def result(self) -> np.ndarray:
+        self.done.synchronize()
+        return self.host_out.numpy().copy()  # the pinned slot is reused two batches later
+
+
+class CudaRunner:
+    """GPU path: batch k+1 uploads while batch k computes and batch k-1 downloads.
+
+    Each of the `depth` slots owns a pinned input buffer (raw uint8 frames) and a pinned output
+    buffer (probabilities); the pipeline keeps at most `depth` batches in flight and collects the
+    oldest before reusing its slot, so a slot is never overwritten while the GPU still reads it.
+    Events order the streams: compute waits for its upload, download waits for its compute."""
+
+    depth = 2
+
+    def __init__(self, backend: Backend):
+        if backend.device.type != "cuda":
+            raise ValueError("CudaRunner needs a backend on a CUDA device")
+        self.backend, self.device, self.size = backend, backend.device, backend.input_size
+        self.upload, self.compute, self.download = (torch.cuda.Stream(self.device) for _ in range(3))
+        self.slots: list[dict | None] = [None] * self.depth
+        self.turn = 0
+
+    def _slot(self, n: int, h: int, w: int) -> dict:
+        index = self.turn % self.depth
+        self.turn += 1
+        slot = self.slots[index]
+        if slot is None or slot["in"].shape[0] < n or slot["in"].shape[1:3] != (h, w):
+            slot = self.slots[index] = {
+                "in": torch.empty((n, h, w, 3), dtype=torch.uint8).pin_memory(),
+                "out": torch.empty((n, self.size, self.size), dtype=torch.float32).pin_memory(),
+            }
+        return slot
+
+    @torch.inference_mode()
+    def submit(self, items: Sequence[Prepared]) -> CudaPending:
+        n = len(items)
+        h, w = items[0].frame.shape
+        slot = self._slot(n, h, w)
+        host_in, host_out = slot["in"][:n], slot["out"][:n]
+        for i, item in enumerate(items):
+            host_in[i].numpy()[...] = item.frame.image
+        with torch.cuda.stream(self.upload):
+            dev_in = host_in.to(self.device, non_blocking=True)
+            uploaded = torch.cuda.Event()
+            uploaded.record(self.upload)
+        with torch.cuda.stream(self.compute):
+            self.compute.wait_event(uploaded)
+            dev_in.record_stream(self.compute)  # allocated on upload, used here: keep it alive
+            x = prepare_on_device(dev_in, [item.fov for item in items], self.size)
+            prob = self.backend.infer(x)[:, 0]
+            computed = torch.cuda.Event()
+            computed.record(self.compute)
+        with torch.cuda.stream(self.download):
+            self.download.wait_event(computed)
+            prob.record_stream(self.download)
+            host_out.copy_(prob, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.download)
+        return CudaPending(done, host_out)
+
+
+def make_runner(backend: Backend) -> HostRunner | CudaRunner:
+    return CudaRunner(backend) if backend.device.type == "cuda" else HostRunner(backend)

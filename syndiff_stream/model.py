@@ -1,0 +1,392 @@
+"""The single-step latent diffusion segmenter (SynDiff / SDSeg), in one file.
+
+Structure, as in the papers:
+  tau(image) -> z_c                      trainable vision encoder (KL-f8 encoder design)
+  E(mask) -> z0, D(z0) -> mask           frozen KL-f8 mask autoencoder
+  f(concat(z_c, z_t), t) -> prediction   denoising U-Net (diffusers UNet2DModel)
+Training: z_t = sqrt(a_t) z0 + sqrt(1 - a_t) n; loss = L1(n, n~) + lambda * L1(z0, z0~).
+Inference: ONE U-Net pass at a fixed timestep from seeded Gaussian noise, decode with D.
+
+Two deviations from the paper are configurable, and on by default in the `compact` preset
+because without them a small model trained from scratch stays near Dice 0.3 (see docs/model.md):
+  * prediction_type="v_prediction": the U-Net predicts v, from which n~ and z0~ both follow
+    with bounded coefficients. With epsilon prediction z0~ = (z_t - sqrt(1-a) n~) / sqrt(a)
+    multiplies every error in n~ by 1/sqrt(a) ~ 39 at t = 999, where single-step inference runs.
+    The loss is unchanged: L1 on the noise plus lambda * L1 on the latent.
+  * timestep_sampling="focused": half the training draws use the inference timestep, the rest
+    stay U(1, 1000), so the one timestep used at inference is not 1/1000 of the training signal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+from diffusers.models.autoencoders.vae import Encoder
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SAMPLINGS = ("uniform", "focused")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, corrupt or does not match its config."""
+
+
+@dataclass
+class SegmenterConfig:
+    preset: str = "compact"
+    image_size: int = 256
+    # Mask autoencoder (frozen in stage 2). The paper feeds the mask as 3 channels into SD's VAE.
+    mask_channels: int = 1
+    # The mask autoencoder folds stem x stem pixels into channels (pixel-unshuffle) on the way in
+    # and unfolds them (sub-pixel convolution) on the way out: lossless, and it keeps the costly
+    # full-resolution convolutions out of the decoder that runs on every frame.
+    mask_stem: int = 2
+    latent_channels: int = 4
+    vae_block_out_channels: tuple[int, ...] = (8, 16, 32)
+    vae_layers_per_block: int = 1
+    vae_norm_num_groups: int = 4
+    vae_mid_attention: bool = False
+    latent_scaling_factor: float = 1.0
+    # Vision encoder tau. `encoder_stem` folds stem x stem pixels into channels first
+    # (pixel-unshuffle): it keeps every pixel but takes the costly full-resolution convs away.
+    encoder_stem: int = 4
+    encoder_block_out_channels: tuple[int, ...] = (32, 64)
+    encoder_layers_per_block: int = 1
+    encoder_norm_num_groups: int = 8
+    encoder_mid_attention: bool = False
+    encoder_double_z: bool = False
+    cond_channels: int = 16
+    # Denoising U-Net on concat(z_c, z_t).
+    unet_block_out_channels: tuple[int, ...] = (32, 64, 96, 128)
+    unet_down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+    unet_up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D")
+    unet_layers_per_block: int = 1
+    unet_norm_num_groups: int = 8
+    unet_attention_head_dim: int = 32
+    # Diffusion (SDSeg's schedule: linear betas 0.0015 -> 0.0155, T = 1000).
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0015
+    beta_end: float = 0.0155
+    prediction_type: str = "v_prediction"
+    timestep_sampling: str = "focused"
+    focus_prob: float = 0.5
+    inference_timestep: int = 999
+    latent_loss_weight: float = 1.0  # lambda
+    mask_loss_weight: float = 0.0  # optional Dice loss on D(z0~); 0 keeps the paper's loss
+    threshold: float = 0.5
+    noise_seed: int = 0
+
+    def __post_init__(self):
+        for name in ("vae_block_out_channels", "encoder_block_out_channels", "unet_block_out_channels",
+                     "unet_down_block_types", "unet_up_block_types"):
+            setattr(self, name, tuple(getattr(self, name)))
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {self.timestep_sampling!r}")
+        if not 0 <= self.inference_timestep < self.num_train_timesteps:
+            raise ValueError(f"inference_timestep must be in [0, {self.num_train_timesteps}), got {self.inference_timestep}")
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // (self.mask_stem * 2 ** (len(self.vae_block_out_channels) - 1))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SegmenterConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise CheckpointError(f"config has unknown fields {sorted(unknown)} (written by a newer version?)")
+        return cls(**data)
+
+
+def preset_config(name: str, **overrides) -> SegmenterConfig:
+    """`compact`: <= 5M parameters for CPU and edge. `sd`: paper scale, SD's VAE architecture.
+    `tiny`: for tests."""
+    if name == "compact":
+        return SegmenterConfig(**overrides)
+    if name == "sd":
+        base = dict(
+            preset="sd", mask_channels=3, mask_stem=1, vae_block_out_channels=(128, 256, 512, 512), vae_layers_per_block=2,
+            vae_norm_num_groups=32, vae_mid_attention=True, latent_scaling_factor=0.18215,
+            encoder_stem=1, encoder_block_out_channels=(128, 256, 512, 512), encoder_layers_per_block=2,
+            encoder_norm_num_groups=32, encoder_mid_attention=True, encoder_double_z=True, cond_channels=4,
+            unet_block_out_channels=(192, 384, 384, 768), unet_layers_per_block=2, unet_norm_num_groups=32,
+            unet_down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+            unet_up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+            unet_attention_head_dim=32, prediction_type="epsilon", timestep_sampling="uniform",
+        )
+        base.update(overrides)
+        return SegmenterConfig(**base)
+    if name == "tiny":  # tests and plumbing: same structure, a few thousand parameters, milliseconds a frame
+        base = dict(
+            preset="tiny", vae_block_out_channels=(4, 4, 8), vae_norm_num_groups=4, encoder_block_out_channels=(8, 8),
+            encoder_norm_num_groups=4, cond_channels=4, unet_block_out_channels=(8, 16),
+            unet_down_block_types=("DownBlock2D", "AttnDownBlock2D"), unet_up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            unet_norm_num_groups=4, unet_attention_head_dim=8,
+        )
+        base.update(overrides)
+        return SegmenterConfig(**base)
+    raise ValueError(f"unknown preset {name!r}: choose 'compact', 'sd' or 'tiny'")
+
+
+class VisionEncoder(nn.Module):
+    """tau: image in [-1, 1] -> z_c at latent resolution (a KL-f8 encoder, optionally stem-folded)."""
+
+    def __init__(self, cfg: SegmenterConfig):
+        super().__init__()
+        stem = cfg.encoder_stem
+        self.stem = nn.PixelUnshuffle(stem) if stem > 1 else nn.Identity()
+        n_down = int(math.log2(cfg.image_size // cfg.latent_size)) - int(math.log2(stem))
+        if len(cfg.encoder_block_out_channels) != n_down + 1:
+            raise ValueError(f"encoder needs {n_down + 1} blocks to reach the latent size with stem {stem}")
+        self.encoder = Encoder(
+            in_channels=3 * stem * stem,
+            out_channels=cfg.latent_channels if cfg.encoder_double_z else cfg.cond_channels,
+            down_block_types=("DownEncoderBlock2D",) * len(cfg.encoder_block_out_channels),
+            block_out_channels=cfg.encoder_block_out_channels,
+            layers_per_block=cfg.encoder_layers_per_block,
+            norm_num_groups=cfg.encoder_norm_num_groups,
+            double_z=cfg.encoder_double_z,
+            mid_block_add_attention=cfg.encoder_mid_attention,
+        )
+        enc_out = 2 * cfg.latent_channels if cfg.encoder_double_z else cfg.cond_channels
+        self.proj = nn.Conv2d(enc_out, cfg.cond_channels, 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.encoder(self.stem(image)))
+
+
+class Segmenter(nn.Module):
+    def __init__(self, config: SegmenterConfig | None = None):
+        super().__init__()
+        cfg = self.config = config or SegmenterConfig()
+        n_levels = len(cfg.vae_block_out_channels)
+        s2 = cfg.mask_stem ** 2
+        self.mask_fold = nn.PixelUnshuffle(cfg.mask_stem) if cfg.mask_stem > 1 else nn.Identity()
+        self.mask_unfold = nn.PixelShuffle(cfg.mask_stem) if cfg.mask_stem > 1 else nn.Identity()
+        self.mask_vae = AutoencoderKL(
+            in_channels=cfg.mask_channels * s2, out_channels=cfg.mask_channels * s2,
+            down_block_types=("DownEncoderBlock2D",) * n_levels, up_block_types=("UpDecoderBlock2D",) * n_levels,
+            block_out_channels=cfg.vae_block_out_channels, layers_per_block=cfg.vae_layers_per_block,
+            latent_channels=cfg.latent_channels, norm_num_groups=cfg.vae_norm_num_groups,
+            sample_size=cfg.image_size, scaling_factor=cfg.latent_scaling_factor,
+            mid_block_add_attention=cfg.vae_mid_attention,
+        )
+        self.vision_encoder = VisionEncoder(cfg)
+        self.unet = UNet2DModel(
+            sample_size=cfg.latent_size, in_channels=cfg.cond_channels + cfg.latent_channels,
+            out_channels=cfg.latent_channels, down_block_types=cfg.unet_down_block_types,
+            up_block_types=cfg.unet_up_block_types, block_out_channels=cfg.unet_block_out_channels,
+            layers_per_block=cfg.unet_layers_per_block, norm_num_groups=cfg.unet_norm_num_groups,
+            attention_head_dim=cfg.unet_attention_head_dim,
+        )
+        betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps, dtype=torch.float64)
+        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float(), persistent=False)
+        gen = torch.Generator().manual_seed(cfg.noise_seed)
+        noise = torch.randn(1, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=gen)
+        self.register_buffer("inference_noise", noise, persistent=False)
+
+    # ---- latent space -------------------------------------------------------------------------
+    def encode_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """Binary mask (B,1,H,W) in {0,1} -> scaled latent z0 (the posterior mean, deterministic)."""
+        x = mask * 2 - 1
+        if self.config.mask_channels != 1:
+            x = x.expand(-1, self.config.mask_channels, -1, -1)
+        return self.mask_vae.encode(self.mask_fold(x)).latent_dist.mode() * self.config.latent_scaling_factor
+
+    def decode_latent(self, z0: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> polyp probability (B,1,H,W) in [0, 1]; channels averaged as in SDSeg."""
+        x = self.mask_unfold(self.mask_vae.decode(z0 / self.config.latent_scaling_factor).sample)
+        return ((x.mean(1, keepdim=True) + 1) / 2).clamp(0, 1)
+
+    # ---- diffusion ----------------------------------------------------------------------------
+    def _coeffs(self, t: torch.Tensor):
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return a.sqrt(), (1 - a).sqrt()
+
+    def estimates(self, model_output, z_t, t):
+        """(n~, z0~) from the U-Net output, for every prediction type."""
+        sa, s1a = self._coeffs(t)
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            noise = model_output
+            z0 = (z_t - s1a * noise) / sa
+        elif kind == "v_prediction":
+            z0 = sa * z_t - s1a * model_output
+            noise = s1a * z_t + sa * model_output
+        else:  # sample
+            z0 = model_output
+            noise = (z_t - sa * z0) / s1a
+        return noise, z0
+
+    def sample_timesteps(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """t ~ U(1, T-1) (the paper's 1..1000 in zero-based indices), optionally focused on inference t."""
+        cfg = self.config
+        device = self.alphas_cumprod.device
+        t = torch.randint(1, cfg.num_train_timesteps, (batch,), generator=generator)
+        if cfg.timestep_sampling == "focused":
+            pick = torch.rand(batch, generator=generator) < cfg.focus_prob
+            t = torch.where(pick, torch.full_like(t, cfg.inference_timestep), t)
+        return t.to(device)
+
+    def forward(self, image: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        z_c = self.vision_encoder(image)
+        return self.unet(torch.cat([z_c, z_t], 1), t).sample
+
+    def training_losses(self, image, mask, generator: torch.Generator | None = None, z0=None) -> dict:
+        """The paper's loss: L1(n, n~) + lambda * L1(z0, z0~) (+ optional Dice on the decoded mask)."""
+        cfg = self.config
+        if z0 is None:
+            with torch.no_grad():
+                z0 = self.encode_mask(mask)
+        t = self.sample_timesteps(image.shape[0], generator)
+        noise = torch.randn(z0.shape, generator=generator).to(z0)
+        sa, s1a = self._coeffs(t)
+        z_t = sa * z0 + s1a * noise
+        noise_hat, z0_hat = self.estimates(self(image, z_t, t), z_t, t)
+        loss_noise = F.l1_loss(noise_hat, noise)
+        loss_latent = F.l1_loss(z0_hat, z0)
+        losses = {"noise": loss_noise, "latent": loss_latent}
+        loss = loss_noise + cfg.latent_loss_weight * loss_latent
+        if cfg.mask_loss_weight > 0:
+            prob = self.decode_latent(z0_hat)
+            inter = (prob * mask).sum((1, 2, 3))
+            dice = (2 * inter + 1) / (prob.sum((1, 2, 3)) + mask.sum((1, 2, 3)) + 1)
+            losses["mask"] = (1 - dice).mean()
+            loss = loss + cfg.mask_loss_weight * losses["mask"]
+        losses["loss"] = loss
+        return losses
+
+    # ---- inference ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_latent(self, image: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        """One U-Net pass at a fixed timestep from the seeded noise: the same frame, the same mask."""
+        t_val = self.config.inference_timestep if timestep is None else int(timestep)
+        b = image.shape[0]
+        z_t = self.inference_noise.expand(b, -1, -1, -1).to(image.dtype)
+        t = torch.full((b,), t_val, dtype=torch.long, device=image.device)
+        return self.estimates(self(image, z_t, t), z_t, t)[1]
+
+    @torch.no_grad()
+    def predict_proba(self, image: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        """Image (B,3,H,W) in [-1, 1] -> polyp probability (B,1,H,W)."""
+        return self.decode_latent(self.predict_latent(image, timestep))
+
+    @torch.no_grad()
+    def predict_proba_multistep(self, image: torch.Tensor, steps: int) -> torch.Tensor:
+        """DDIM with `steps` U-Net passes from the same seeded noise, for comparison with one step."""
+        cfg = self.config
+        sched = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
+                              beta_end=cfg.beta_end, beta_schedule="linear", prediction_type=cfg.prediction_type,
+                              clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+        sched.set_timesteps(steps)
+        b = image.shape[0]
+        z = self.inference_noise.expand(b, -1, -1, -1).to(image.dtype).clone()
+        z_c = self.vision_encoder(image)
+        for t in sched.timesteps:
+            out = self.unet(torch.cat([z_c, z], 1), t.to(image.device).expand(b)).sample
+            z = sched.step(out, t, z).prev_sample
+        return self.decode_latent(z)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """Write config.json + model.safetensors atomically (no pickle anywhere)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"format_version": FORMAT_VERSION, "class": "Segmenter",
+                  "config": dataclasses.asdict(self.config), **(extra or {})}
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp_w, tmp_c = directory / (WEIGHTS_NAME + ".tmp"), directory / (CONFIG_NAME + ".tmp")
+        save_file(state, str(tmp_w), metadata={"format_version": str(FORMAT_VERSION)})
+        tmp_c.write_text(json.dumps(config, indent=2) + "\n")
+        tmp_w.replace(directory / WEIGHTS_NAME)
+        tmp_c.replace(directory / CONFIG_NAME)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path | None = None, map_location: str = "cpu") -> "Segmenter":
+        """Load a checkpoint folder; with no folder, the shipped default. Errors name the problem."""
+        directory = Path(directory) if directory is not None else default_checkpoint_path()
+        config = read_checkpoint_config(directory)
+        model = cls(config)
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise CheckpointError(f"checkpoint {directory}: {WEIGHTS_NAME} is missing")
+        try:
+            with safe_open(str(weights), framework="pt", device=map_location) as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise CheckpointError(f"checkpoint {weights}: not a readable safetensors file ({exc})") from None
+        expected = model.state_dict()
+        missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint {weights} does not match its config: "
+                                  f"{len(missing)} missing, {len(unexpected)} unexpected tensors "
+                                  f"(e.g. {sorted(missing or unexpected)[0]})")
+        for k, v in state.items():
+            if v.shape != expected[k].shape:
+                raise CheckpointError(f"checkpoint {weights} does not match its config: {k} has shape "
+                                      f"{tuple(v.shape)}, config expects {tuple(expected[k].shape)}")
+        model.load_state_dict(state)
+        return model.eval()
+
+
+def read_checkpoint_config(directory: str | Path) -> SegmenterConfig:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint folder {directory} does not exist")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {directory}: {CONFIG_NAME} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("class") != "Segmenter" or "config" not in data:
+        raise CheckpointError(f"checkpoint {path}: not a syndiff-stream Segmenter config")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: format version {data.get('format_version')!r}, "
+                              f"this syndiff-stream reads version {FORMAT_VERSION}")
+    try:
+        return SegmenterConfig.from_dict(data["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: invalid config ({exc})") from None
+
+
+def default_checkpoint_path() -> Path:
+    """The compact checkpoint shipped inside the package."""
+    return Path(__file__).parent / "weights" / "compact-kvasir"
+
+
+def init_from_sd_vae(model: Segmenter, vae_dir: str | Path) -> None:
+    """Paper-scale init: mask autoencoder and vision encoder from a local SD VAE folder (diffusers layout)."""
+    vae_dir = Path(vae_dir)
+    if not (vae_dir / "config.json").is_file():
+        raise CheckpointError(f"--init-vae {vae_dir}: expected a diffusers AutoencoderKL folder "
+                              "(config.json + diffusion_pytorch_model.safetensors)")
+    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
+    model.mask_vae.load_state_dict(vae.state_dict())
+    model.vision_encoder.encoder.load_state_dict(vae.encoder.state_dict())
+    c = model.config.cond_channels
+    with torch.no_grad():  # z_c = scaled posterior mean, as the paper's image latent
+        w, b = vae.quant_conv.weight[:c], vae.quant_conv.bias[:c]
+        model.vision_encoder.proj.weight.copy_(w * vae.config.scaling_factor)
+        model.vision_encoder.proj.bias.copy_(b * vae.config.scaling_factor)
+    model.config.latent_scaling_factor = vae.config.scaling_factor

@@ -1,0 +1,225 @@
+"""The streaming graph, wired in one place:
+
+    source -> preprocess -> [frame buffer: recorded | live] -> backend -> smoother -> polyps -> sinks
+
+Three threads overlap the work: decode (source + CPU preprocessing), inference (batches from the
+buffer through the backend; on CUDA, two batches in flight on separate streams), and the calling
+thread (smoothing, postprocessing, sinks and the publisher). The frame buffer is the only place
+frames are dropped, by the named policy of the mode; the queue after inference always applies
+backpressure, so a slow sink slows inference down instead of losing results silently.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from contextlib import suppress
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import groupby
+
+import numpy as np
+
+from .backends import Backend
+from .engine import Prepared, Preprocessor, make_runner
+from .frames import Closed, FrameBuffer, Mode, Result
+from .postprocess import find_polyps
+from .smoothing import Smoother, SmoothingConfig
+from .sources import Source
+
+LATENCY_WINDOW = 10_000  # latency percentiles over the most recent frames: memory stays flat
+_END = object()
+
+
+@dataclass
+class Stats:
+    """Counters and timings of one run; `as_dict` gives the rates the CLI and `bench` print."""
+
+    mode: str = ""
+    frames_in: int = 0  # frames taken from the source
+    frames_out: int = 0  # results through every stage
+    dropped: int = 0  # frames dropped by the live buffer
+    publish_dropped: int = 0  # messages a full subscriber queue refused
+    decode_s: float = 0.0  # time in the source (decoding / rendering), without live pacing
+    preprocess_s: float = 0.0
+    model_s: float = 0.0  # time inside the backend (wall time of the inference stage on CUDA)
+    model_frames: int = 0
+    wall_s: float = 0.0  # first frame requested -> last result out
+    scene_cuts: int = 0
+    interrupted: bool = False
+    source_size: tuple[int, int] | None = None  # (H, W) of the latest frame
+    latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
+
+    @staticmethod
+    def _rate(n: int, seconds: float) -> float:
+        return round(n / seconds, 2) if seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        lat = np.asarray(self.latencies) * 1000 if self.latencies else np.zeros(1)
+        return {
+            "mode": self.mode, "source_size": list(self.source_size or ()), "frames": self.frames_in, "frames_out": self.frames_out,
+            "decode_fps": self._rate(self.frames_in, self.decode_s),
+            "preprocess_fps": self._rate(self.frames_in, self.preprocess_s),
+            "model_fps": self._rate(self.model_frames, self.model_s),
+            "e2e_fps": self._rate(self.frames_out, self.wall_s),
+            "latency_ms": {q: round(float(np.percentile(lat, int(q[1:]))), 2) for q in ("p50", "p95", "p99")},
+            "dropped": self.dropped, "publish_dropped": self.publish_dropped, "scene_cuts": self.scene_cuts,
+        }
+
+
+class Pipeline:
+    def __init__(self, source: Source, backend: Backend, sinks: Sequence = (), *, mode: Mode | str | None = None,
+                 smoothing: SmoothingConfig | None = None, batch_size: int | None = None,
+                 buffer_size: int | None = None, max_frames: int | None = None):
+        """`smoothing=None` keeps the model's per-frame masks (prob >= threshold); `batch_size`
+        defaults to 4 in recorded mode and 1 in live mode (batching adds latency)."""
+        self.mode = Mode(mode) if mode else source.default_mode
+        live = self.mode is Mode.LIVE
+        self.batch_size = batch_size or (1 if live else 4)
+        self.max_frames = max_frames
+        # ---- the graph -------------------------------------------------------------------------
+        self.source = source
+        self.preprocess = Preprocessor(backend.input_size, on_device=backend.device.type == "cuda")
+        self.buffer = FrameBuffer(buffer_size or (1 if live else 2 * self.batch_size), self.mode)
+        self.runner = make_runner(backend)
+        self.smoother = Smoother(smoothing or SmoothingConfig.off(backend.seg.config.threshold))
+        self.find_polyps = find_polyps
+        self.sinks = list(sinks)
+        # ----------------------------------------------------------------------------------------
+        self.backend = backend
+        self.results: queue.Queue = queue.Queue(maxsize=2 * self.batch_size * self.runner.depth)
+        self.stats = Stats(mode=self.mode.value)
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def describe(self) -> str:
+        cfg = self.smoother.config
+        smooth = "off" if cfg.alpha >= 1 and cfg.low == cfg.high else f"ema {cfg.alpha}, hysteresis {cfg.high}/{cfg.low}"
+        sinks = ", ".join(type(s).__name__ for s in self.sinks) or "none"
+        return (f"{self.source.source_id} -> preprocess {self.backend.input_size}px -> {self.mode.value} buffer "
+                f"({self.buffer.capacity}) -> {self.backend.name} on {self.backend.device} (batch {self.batch_size}) "
+                f"-> smoothing {smooth} -> polyps -> {sinks}")
+
+    # ---- stage loops ----------------------------------------------------------------------------
+    def _decode(self) -> None:
+        stats, clock = self.stats, getattr(self.source, "clock", None)
+        try:
+            frames = iter(self.source)
+            while not self.stop.is_set() and (self.max_frames is None or stats.frames_in < self.max_frames):
+                t0, slept0 = time.perf_counter(), clock.slept if clock else 0.0
+                frame = next(frames, None)
+                t1 = time.perf_counter()
+                if frame is None:
+                    break
+                item = self.preprocess(frame)
+                stats.decode_s += t1 - t0 - ((clock.slept - slept0) if clock else 0.0)
+                stats.preprocess_s += time.perf_counter() - t1
+                stats.frames_in += 1
+                self.buffer.put(item)
+        except BaseException as exc:
+            self.errors.append(exc)
+        finally:
+            self.buffer.close()
+
+    def _emit(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.results.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _infer(self) -> None:
+        pending: deque = deque()
+        try:
+            while not self.stop.is_set():
+                try:
+                    batch = self.buffer.get_batch(self.batch_size, timeout=0.1)
+                except Closed:
+                    break
+                for _, same_shape in groupby(batch, key=lambda item: item.frame.shape):
+                    items = list(same_shape)
+                    t0 = time.perf_counter()
+                    pending.append((items, self.runner.submit(items), t0))
+                    while len(pending) >= self.runner.depth:
+                        self._collect(pending.popleft())
+            while pending:
+                self._collect(pending.popleft())
+        except BaseException as exc:
+            self.errors.append(exc)
+            self.stop.set()
+        finally:
+            if self.stop.is_set():
+                with suppress(queue.Full):
+                    self.results.put_nowait(_END)
+            else:
+                self._emit(_END)
+
+    def _collect(self, entry) -> None:
+        items, handle, t0 = entry
+        prob = handle.result()
+        self.stats.model_s += time.perf_counter() - t0
+        self.stats.model_frames += len(items)
+        for item, p in zip(items, prob):
+            self._emit((item, p))
+
+    def _finish(self, item: Prepared, prob: np.ndarray) -> Result:
+        frame = item.frame
+        prob_src, mask = self.smoother.update(frame.image, prob, item.fov)
+        polyps = self.find_polyps(mask, prob_src)
+        return Result(frame, prob_src, mask, polyps, item.fov, time.time() - frame.capture_time)
+
+    # ---- run ------------------------------------------------------------------------------------
+    def run(self, on_progress: Callable[[Stats], None] | None = None, progress_every: float = 0.5) -> Stats:
+        """Process the source to its end (or `max_frames`, or Ctrl-C); close the sinks; return stats.
+        Errors in any stage stop the graph and are re-raised here."""
+        stats = self.stats
+        start = last_report = time.perf_counter()
+        threads = [threading.Thread(target=self._decode, name="decode", daemon=True),
+                   threading.Thread(target=self._infer, name="infer", daemon=True)]
+        for t in threads:
+            t.start()
+        try:
+            while True:
+                try:
+                    entry = self.results.get(timeout=0.1)
+                except queue.Empty:
+                    entry = None
+                if entry is _END or (entry is None and not threads[1].is_alive() and self.results.empty()):
+                    break
+                if entry is not None:
+                    result = self._finish(*entry)
+                    for sink in self.sinks:
+                        sink.write(result)
+                    stats.frames_out += 1
+                    stats.source_size = result.frame.shape
+                    stats.latencies.append(result.latency)
+                    stats.wall_s = time.perf_counter() - start
+                now = time.perf_counter()
+                if on_progress and now - last_report >= progress_every:
+                    self._refresh()
+                    on_progress(stats)
+                    last_report = now
+        except KeyboardInterrupt:
+            stats.interrupted = True
+        except BaseException as exc:
+            self.errors.append(exc)
+        finally:
+            self.stop.set()
+            self.buffer.close()
+            for t in threads:
+                t.join(timeout=10)
+            self._refresh()
+            for sink in self.sinks:
+                sink.close()
+            self.source.close()
+        if self.errors:
+            raise self.errors[0]
+        return stats
+
+    def _refresh(self) -> None:
+        self.stats.dropped = self.buffer.dropped
+        self.stats.scene_cuts = self.smoother.cuts
+        self.stats.publish_dropped = sum(getattr(s, "dropped", 0) for s in self.sinks)

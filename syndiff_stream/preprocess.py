@@ -1,0 +1,89 @@
+"""Frame <-> model input: find the scope's field of view, crop, resize, normalise; and back.
+
+Training and inference both go through `prepare`, so the model always sees the field of view
+cropped and squeezed to the model's square input the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+FOV_THRESHOLD = 20  # scopes render outside the field of view as near-black
+FOV_MIN_FRACTION = 0.25  # a smaller bright region is a dark frame, not a field of view
+FOV_PROBE_SIZE = 128  # detection runs on a thumbnail: cheap, and robust to noise
+
+
+@dataclass(frozen=True)
+class FieldOfView:
+    """Crop box (x0, y0, x1, y1) in source pixels, half-open."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    @classmethod
+    def full(cls, height: int, width: int) -> "FieldOfView":
+        return cls(0, 0, width, height)
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+
+def find_field_of_view(frame: np.ndarray, threshold: int = FOV_THRESHOLD) -> FieldOfView:
+    """Bounding box of the largest bright region: the scope's image without its black border."""
+    h, w = frame.shape[:2]
+    scale = FOV_PROBE_SIZE / max(h, w)
+    small = cv2.resize(frame, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    gray = small.max(axis=2) if small.ndim == 3 else small
+    bright = (gray > threshold).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(bright, connectivity=8)
+    if n <= 1:
+        return FieldOfView.full(h, w)
+    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    x, y, bw, bh, area = stats[best]
+    if bw * bh < FOV_MIN_FRACTION * gray.shape[0] * gray.shape[1]:
+        return FieldOfView.full(h, w)
+    x0, y0 = int(np.floor(x / scale)), int(np.floor(y / scale))
+    x1, y1 = int(np.ceil((x + bw) / scale)), int(np.ceil((y + bh) / scale))
+    return FieldOfView(max(0, x0), max(0, y0), min(w, x1), min(h, y1))
+
+
+def crop_resize(frame: np.ndarray, fov: FieldOfView, size: int, interpolation=cv2.INTER_AREA) -> np.ndarray:
+    crop = frame[fov.y0:fov.y1, fov.x0:fov.x1]
+    return cv2.resize(crop, (size, size), interpolation=interpolation)
+
+
+def normalize(image_u8: np.ndarray) -> np.ndarray:
+    """RGB uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1], the model's input."""
+    x = image_u8.astype(np.float32) * (1 / 127.5) - 1.0
+    return np.moveaxis(x, -1, -3)
+
+
+def prepare(frame: np.ndarray, size: int, fov: FieldOfView | None = None) -> tuple[np.ndarray, FieldOfView]:
+    """RGB frame -> (model input (3, size, size) float32, field of view used)."""
+    if fov is None:
+        fov = find_field_of_view(frame)
+    return normalize(crop_resize(frame, fov, size)), fov
+
+
+def prepare_mask(mask: np.ndarray, fov: FieldOfView, size: int) -> np.ndarray:
+    """Bool mask at source resolution -> bool mask at model resolution, cropped like its frame."""
+    soft = crop_resize(mask.astype(np.float32), fov, size, interpolation=cv2.INTER_AREA)
+    return soft >= 0.5
+
+
+def to_source(prob: np.ndarray, fov: FieldOfView, height: int, width: int) -> np.ndarray:
+    """Model-resolution probability (S, S) -> probability at source resolution (zero outside the FOV)."""
+    out = np.zeros((height, width), dtype=np.float32)
+    out[fov.y0:fov.y1, fov.x0:fov.x1] = cv2.resize(prob.astype(np.float32), (fov.width, fov.height),
+                                                   interpolation=cv2.INTER_LINEAR)
+    return out

@@ -1,0 +1,122 @@
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import rt_make_tiny_segmenter
+from syndiff_stream import backends
+from syndiff_stream.backends import BackendError, OnnxBackend, make_backend, model_hash
+from syndiff_stream.engine import prepare_on_device
+from syndiff_stream.metrics import dice
+from syndiff_stream.preprocess import prepare
+from syndiff_stream.sources import DemoSource
+
+
+@pytest.fixture(scope="module")
+def demo_inputs():
+    frames = list(DemoSource(size=(144, 180), realtime=False, frames=3, seed=5))
+    return torch.from_numpy(np.stack([prepare(f.image, 64)[0] for f in frames]))
+
+
+def test_eager_is_the_model(rt_tiny_segmenter, demo_inputs):
+    out = make_backend("eager", rt_tiny_segmenter).infer(demo_inputs)
+    assert out.shape == (3, 1, 64, 64)
+    assert torch.equal(out, rt_tiny_segmenter.predict_proba(demo_inputs))
+
+
+def test_onnx_matches_eager_and_is_cached(rt_tiny_segmenter, demo_inputs, tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNDIFF_CACHE", str(tmp_path))
+    ort = OnnxBackend(rt_tiny_segmenter, threads=1, dynamo=False)  # the fast exporter; see the slow test
+    assert ort.path.parent == tmp_path / "onnx" and ort.path.stem == model_hash(rt_tiny_segmenter)
+    eager = rt_tiny_segmenter.predict_proba(demo_inputs)
+    for batch in (demo_inputs[:1], demo_inputs):  # dynamic batch
+        prob = ort.infer(batch)
+        assert prob.shape == (len(batch), 1, 64, 64)
+    thr = rt_tiny_segmenter.config.threshold
+    assert dice(prob.numpy() >= thr, eager.numpy() >= thr) >= 0.99
+    assert torch.allclose(prob, eager, atol=1e-3)
+    mtime = ort.path.stat().st_mtime_ns
+    OnnxBackend(rt_tiny_segmenter, threads=1)  # cached: no second export
+    assert ort.path.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_onnx_default_export_is_dynamo(rt_tiny_segmenter, demo_inputs, tmp_path, monkeypatch):
+    """The default tries torch.export first (about a minute on two cores, once per checkpoint)."""
+    real_export, calls = torch.onnx.export, []
+
+    def spy(*args, dynamo=True, **kwargs):
+        calls.append(dynamo)
+        return real_export(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", spy)
+    ort = OnnxBackend(rt_tiny_segmenter, onnx_path=tmp_path / "m.onnx", threads=1)
+    assert calls == [True]
+    eager = rt_tiny_segmenter.predict_proba(demo_inputs)
+    assert dice(ort.infer(demo_inputs).numpy() >= 0.5, eager.numpy() >= 0.5) >= 0.99
+
+
+def test_onnx_falls_back_to_the_torchscript_exporter(rt_tiny_segmenter, demo_inputs, tmp_path, monkeypatch):
+    real_export = torch.onnx.export
+    calls = []
+
+    def dynamo_fails(*args, dynamo=True, **kwargs):
+        calls.append(dynamo)
+        if dynamo:
+            raise RuntimeError("torch.export cannot trace this")
+        return real_export(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", dynamo_fails)
+    ort = OnnxBackend(rt_tiny_segmenter, onnx_path=tmp_path / "m.onnx", threads=1)
+    assert calls == [True, False]
+    assert torch.allclose(ort.infer(demo_inputs), rt_tiny_segmenter.predict_proba(demo_inputs), atol=1e-3)
+
+
+def test_model_hash_follows_the_weights():
+    a, b = rt_make_tiny_segmenter(0), rt_make_tiny_segmenter(0)
+    assert model_hash(a) == model_hash(b)
+    assert model_hash(a) != model_hash(rt_make_tiny_segmenter(1))
+
+
+@pytest.mark.slow
+def test_torch_compile_backend_matches_eager(rt_tiny_segmenter, demo_inputs):
+    # The "eager" compiler keeps the test fast; inductor is the default for real runs.
+    compiled = make_backend("compile", rt_tiny_segmenter, compiler="eager")
+    assert torch.allclose(compiled.infer(demo_inputs), rt_tiny_segmenter.predict_proba(demo_inputs), atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is not None, reason="torch-tensorrt is installed")
+def test_tensorrt_missing_is_one_clear_line(rt_tiny_segmenter):
+    with pytest.raises(BackendError, match=r"pip install 'syndiff-stream\[trt\]'"):
+        make_backend("tensorrt", rt_tiny_segmenter)
+
+
+def test_bad_backend_or_device_is_named(rt_tiny_segmenter):
+    with pytest.raises(BackendError, match="fast"):
+        make_backend("fast", rt_tiny_segmenter)
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="CUDA"):
+            make_backend("eager", rt_tiny_segmenter, device="cuda")
+
+
+def test_device_preprocessing_matches_the_cpu_path():
+    """The GPU path's crop/resize/normalise, run here on CPU tensors, agrees with `prepare`."""
+    frames = list(DemoSource(size=(288, 360), realtime=False, frames=2, seed=2))
+    expected = [prepare(f.image, 64) for f in frames]
+    x = prepare_on_device(torch.from_numpy(np.stack([f.image for f in frames])), [e[1] for e in expected], 64)
+    assert x.shape == (2, 3, 64, 64)
+    assert (x - torch.from_numpy(np.stack([e[0] for e in expected]))).abs().mean() < 0.02
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_runner_matches_eager_cpu(rt_tiny_segmenter):
+    from syndiff_stream.engine import CudaRunner, Preprocessor
+
+    frames = list(DemoSource(size=(144, 180), realtime=False, frames=4, seed=5))
+    runner = CudaRunner(make_backend("eager", rt_make_tiny_segmenter(), device="cuda"))
+    items = [Preprocessor(64, on_device=True)(f) for f in frames]
+    first, second = runner.submit(items[:2]), runner.submit(items[2:])
+    prob = np.concatenate([first.result(), second.result()])
+    cpu = rt_tiny_segmenter.predict_proba(torch.from_numpy(np.stack([prepare(f.image, 64)[0] for f in frames])))
+    assert dice(prob >= 0.5, cpu[:, 0].numpy() >= 0.5) >= 0.95

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+
+from syndiff_stream.model import CheckpointError, Segmenter, preset_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Segmenter(preset_config("tiny")).eval()
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_latent_estimate_is_exact_when_the_prediction_is_true(kind):
+    """z0~ == z0 and n~ == n when the U-Net output is the true target, at every timestep."""
+    m = Segmenter(preset_config("tiny", prediction_type=kind))
+    z0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([1, 50, 500, 999])
+    sa, s1a = m._coeffs(t)
+    z_t = sa * z0 + s1a * noise
+    target = {"epsilon": noise, "v_prediction": sa * noise - s1a * z0, "sample": z0}[kind]
+    noise_hat, z0_hat = m.estimates(target, z_t, t)
+    assert torch.allclose(z0_hat, z0, atol=2e-3 if kind == "epsilon" else 1e-5)
+    assert torch.allclose(noise_hat, noise, atol=1e-4)
+
+
+def test_loss_is_l1_noise_plus_lambda_l1_latent(monkeypatch):
+    m = Segmenter(preset_config("tiny", latent_loss_weight=0.5))
+    image, mask = torch.randn(2, 3, 256, 256), (torch.rand(2, 1, 256, 256) > 0.5).float()
+    losses = m.training_losses(image, mask, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(losses["loss"], losses["noise"] + 0.5 * losses["latent"])
+    assert losses["loss"].requires_grad
+    m.config.latent_loss_weight = 0.0
+    losses = m.training_losses(image, mask, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(losses["loss"], losses["noise"])
+
+
+def test_timesteps_stay_in_range_and_focus_on_the_inference_step():
+    uniform = Segmenter(preset_config("tiny", timestep_sampling="uniform"))
+    t = uniform.sample_timesteps(20000, torch.Generator().manual_seed(0))
+    assert t.min() >= 1 and t.max() <= 999 and len(t.unique()) > 900
+    focused = Segmenter(preset_config("tiny", timestep_sampling="focused", focus_prob=0.5, inference_timestep=999))
+    t = focused.sample_timesteps(20000, torch.Generator().manual_seed(0))
+    assert 0.45 < (t == 999).float().mean() < 0.55
+    assert t.min() >= 1
+
+
+def test_single_step_is_deterministic_and_batch_independent(model):
+    x = torch.rand(3, 3, 256, 256) * 2 - 1
+    a = model.predict_proba(x)
+    b = model.predict_proba(x[1:2])
+    assert a.shape == (3, 1, 256, 256) and 0 <= a.min() and a.max() <= 1
+    assert torch.allclose(a[1:2], b, atol=1e-5)
+    assert torch.equal(model.predict_proba(x), a)
+
+
+def test_multistep_runs_from_the_same_noise(model):
+    x = torch.rand(1, 3, 256, 256) * 2 - 1
+    p = model.predict_proba_multistep(x, steps=3)
+    assert p.shape == (1, 1, 256, 256) and torch.isfinite(p).all()
+
+
+def test_save_load_round_trip_gives_identical_outputs(model, tmp_path):
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = Segmenter.from_pretrained(tmp_path / "ckpt")
+    x = torch.rand(2, 3, 256, 256) * 2 - 1
+    assert torch.equal(model.predict_proba(x), loaded.predict_proba(x))
+    assert loaded.config == model.config
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["format_version"] == 1
+
+
+def test_corrupt_missing_and_mismatched_checkpoints_error_clearly(model, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Segmenter.from_pretrained(tmp_path / "nowhere")
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        Segmenter.from_pretrained(ckpt)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
+        Segmenter.from_pretrained(ckpt)
+    model.save_pretrained(ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["config"]["cond_channels"] = 8
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="does not match its config"):
+        Segmenter.from_pretrained(ckpt)
+    (ckpt / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        Segmenter.from_pretrained(ckpt)
+    config["format_version"] = 99
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        Segmenter.from_pretrained(ckpt)
+
+
+def test_presets_and_parameter_budget():
+    assert Segmenter(preset_config("compact")).num_parameters() <= 5_000_000
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_config("huge")
+    with pytest.raises(ValueError, match="prediction_type"):
+        preset_config("tiny", prediction_type="x0")

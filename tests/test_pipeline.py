@@ -1,0 +1,106 @@
+import threading
+import time
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from conftest import rt_write_video
+from syndiff_stream.backends import EagerBackend, make_backend
+from syndiff_stream.frames import Frame, Mode
+from syndiff_stream.metrics import dice
+from syndiff_stream.pipeline import Pipeline
+from syndiff_stream.preprocess import prepare, to_source
+from syndiff_stream.publish import Publisher
+from syndiff_stream.sources import DemoSource, Source, SourceError, open_source
+from syndiff_stream.subscribe import Subscriber
+
+
+def test_recorded_every_frame_published_at_source_resolution_matching_the_model(
+        rt_tiny_segmenter, tmp_path, rt_endpoint):
+    video = tmp_path / "clip.mp4"
+    rt_write_video(video, frames=12, size=(120, 160))
+    pub = Publisher(rt_endpoint, encoding="png")
+    received = []
+    with Subscriber(rt_endpoint) as sub:
+        assert pub.wait_for_subscribers(1, timeout=5)
+        reader = threading.Thread(target=lambda: received.extend(sub.messages(timeout=30)))
+        reader.start()
+        pipeline = Pipeline(open_source(str(video)), make_backend("eager", rt_tiny_segmenter), [pub])
+        assert pipeline.mode is Mode.RECORDED and pipeline.batch_size > 1
+        stats = pipeline.run()
+        reader.join(timeout=30)
+    assert stats.frames_in == stats.frames_out == len(received) == 12 and stats.dropped == 0
+    assert [m.header["frame_index"] for m in received] == list(range(12))
+
+    with av.open(str(video)) as container:  # decode independently and predict frame by frame
+        images = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    thr = rt_tiny_segmenter.config.threshold
+    for msg, image in zip(received, images):
+        assert msg.mask.shape == image.shape[:2] == tuple(msg.header["shape"])
+        x, fov = prepare(image, rt_tiny_segmenter.config.image_size)
+        prob = rt_tiny_segmenter.predict_proba(torch.from_numpy(x)[None])[0, 0].numpy()
+        expected = to_source(prob, fov, *image.shape[:2]) >= thr
+        assert 0.02 < expected.mean() < 0.98  # a mask with both classes: the comparison means something
+        assert dice(msg.mask, expected) >= 0.99 and (msg.mask == expected).mean() >= 0.995
+
+
+class SlowBackend(EagerBackend):
+    """The tiny model plus a fixed 30 ms: a model clearly slower than its source."""
+
+    def infer(self, batch):
+        time.sleep(0.03 * len(batch))
+        return super().infer(batch)
+
+
+def test_live_mode_drops_frames_and_keeps_latency_bounded(rt_tiny_segmenter):
+    source = DemoSource(size=(72, 90), realtime=False, frames=120)  # renders far faster than 30 ms
+    pipeline = Pipeline(source, SlowBackend(rt_tiny_segmenter), mode=Mode.LIVE)
+    peak = []
+    stats = pipeline.run(on_progress=lambda st: peak.append(len(pipeline.buffer)), progress_every=0.01)
+    assert stats.frames_in == 120 and stats.dropped > 0
+    assert stats.frames_out + stats.dropped == stats.frames_in  # every frame either shown or counted
+    per_frame = stats.model_s / stats.model_frames
+    assert max(stats.latencies) <= 3 * per_frame, (max(stats.latencies), per_frame)
+    assert max(peak, default=0) <= 1  # bounded buffer: memory stays flat
+
+
+def test_recorded_mode_with_the_same_slow_model_loses_nothing(rt_tiny_segmenter):
+    source = DemoSource(size=(72, 90), realtime=False, frames=10)
+    stats = Pipeline(source, SlowBackend(rt_tiny_segmenter), mode=Mode.RECORDED, batch_size=2).run()
+    assert stats.frames_out == 10 and stats.dropped == 0
+
+
+def test_max_frames_and_stats(rt_tiny_segmenter):
+    stats = Pipeline(DemoSource(size=(72, 90), realtime=False), make_backend("eager", rt_tiny_segmenter),
+                     max_frames=5).run()
+    d = stats.as_dict()
+    assert d["frames"] == d["frames_out"] == 5 and d["source_size"] == [72, 90]
+    assert d["decode_fps"] > 0 and d["model_fps"] > 0 and d["e2e_fps"] > 0
+    assert set(d["latency_ms"]) == {"p50", "p95", "p99"}
+
+
+class Broken(Source):
+    def __iter__(self):
+        yield Frame(np.zeros((40, 40, 3), np.uint8), "broken", 0, 0.0)
+        raise SourceError("camera unplugged")
+
+
+class FailingSink:
+    def write(self, result):
+        raise OSError("disk full")
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("source, sinks, error", [
+    (Broken(), [], "camera unplugged"),
+    (DemoSource(size=(48, 60), realtime=False, frames=50), [FailingSink()], "disk full"),
+])
+def test_a_failing_stage_stops_the_graph_and_is_raised(rt_tiny_segmenter, source, sinks, error):
+    with pytest.raises((SourceError, OSError), match=error):
+        Pipeline(source, make_backend("eager", rt_tiny_segmenter), sinks).run()
+    time.sleep(0.2)
+    assert not [t for t in threading.enumerate() if t.name in ("decode", "infer")]

@@ -1,0 +1,34 @@
+"""Fixtures for the trainer tests: a small real Kvasir subset, a tiny SDXL inpainting pipeline
+and a tiny segmenter, all built locally (no downloads)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+KVASIR = HERE.parents[1].parent / "shared" / "data" / "kvasir-seg-train"
+sys.path.insert(0, str(HERE))
+
+
+@pytest.fixture(scope="session")
+def kvasir_subset(tmp_path_factory) -> Path:
+    """Eight real Kvasir-SEG pairs, linked (not copied) into a temporary Kvasir-layout folder."""
+    if not (KVASIR / "images").is_dir():
+        pytest.skip(f"real data not available: {KVASIR} is absent")
+    root = tmp_path_factory.mktemp("kvasir-subset")
+    for sub in ("images", "masks"):
+        (root / sub).mkdir()
+    for image in sorted((KVASIR / "images").glob("*.jpg"))[:8]:
+        (root / "images" / image.name).symlink_to(image)
+        (root / "masks" / image.name).symlink_to(KVASIR / "masks" / image.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from tiny_sdxl import build_tiny_sdxl_inpaint
+
+    return build_tiny_sdxl_inpaint(tmp_path_factory.mktemp("weights") / "tiny-sdxl-inpaint")

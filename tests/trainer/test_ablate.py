@@ -1,0 +1,79 @@
+"""A tiny k-fold ablation run (2 folds, 2 steps, a 64-pixel segmenter): every row trains or scores
+what it names, synthetic data never comes from a validation fold, and a rerun reuses the runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from syndiff_trainer.ablate import AblateConfig, run_ablation
+from syndiff_trainer.synthetic import SynthConfig, run_synth
+
+
+@pytest.fixture(scope="module")
+def ablation(kvasir_subset, rt_tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablate")
+    run_synth(SynthConfig(data=str(kvasir_subset), out=str(root / "cp"), count=16, method="copy-paste",
+                          resolution=64, gate=False, seed=0, progress=False))
+    tiny = json.loads((Path(rt_tiny_model_dir) / "config.json").read_text())["config"]
+    tiny.pop("preset")
+    cfg = AblateConfig(data=str(kvasir_subset), out=str(root / "out"), synthetic=str(root / "cp"), counts=(1, 50),
+                       copy_paste=str(root / "cp"), copy_paste_count=1, folds=2, steps=2, multistep=3, seed=0,
+                       fit={"image_size": 64, "model_overrides": tiny, "batch_size": 2, "mask_ae_steps": 2,
+                            "device": "cpu", "progress": False, "cache_dir": str(root / "cache")})
+    return cfg, run_ablation(cfg)
+
+
+def test_table_has_every_configuration_with_mean_and_std(ablation):
+    cfg, summary = ablation
+    table = (Path(cfg.out) / "ablation.md").read_text()
+    by_name = {r["name"]: r for r in summary["rows"]}
+    assert list(by_name) == ["real", "text-guided-1", "text-guided-50", "copy-paste-1", "traditional",
+                             "frozen-encoder", "noise-only", "multistep-3"]
+    for name, row in by_name.items():
+        if name == "text-guided-50":  # 16 samples exist: reported as not run, not silently shrunk
+            assert not row["folds"] and "50 synthetic samples asked for" in row["skipped"]
+            assert "| + text-guided synthetic (50) | not run |" in table
+            continue
+        assert len(row["folds"]) == 2 and 0.0 <= row["dice_mean"] <= 1.0 and row["dice_std"] >= 0.0
+        assert f"| {row['label']} | {100 * row['dice_mean']:.1f} ± {100 * row['dice_std']:.1f} |" in table
+    assert all(f["steps"] == 3 for f in by_name["multistep-3"]["folds"])
+    assert all(f["steps"] == 1 for f in by_name["real"]["folds"])
+
+
+def test_rows_change_what_they_name(ablation):
+    cfg, _ = ablation
+    runs = Path(cfg.out) / "runs"
+    init = load_file(str(runs / "real" / "fold0" / "mask_ae" / "model.safetensors"))
+
+    def weights(row):
+        return load_file(str(runs / row / "fold0" / "last" / "model.safetensors"))
+
+    enc = [k for k in init if k.startswith("vision_encoder.")]
+    assert all((weights("frozen-encoder")[k] == init[k]).all() for k in enc)
+    assert not all((weights("real")[k] == init[k]).all() for k in enc)
+    config = json.loads((runs / "noise-only" / "fold0" / "last" / "config.json").read_text())["config"]
+    assert config["latent_loss_weight"] == 0.0
+    fit_cfg = json.loads((runs / "traditional" / "fold0" / "state" / "state.json").read_text())["fit_config"]
+    assert fit_cfg["augment"] == "standard" and fit_cfg["init_from"].endswith("real/fold0/mask_ae")
+
+
+def test_synthetic_data_never_comes_from_the_validation_fold(ablation):
+    cfg, _ = ablation
+    for k in range(2):
+        fold = Path(cfg.out) / "folds" / f"fold{k}"
+        val = set(json.loads((fold / "split.json").read_text())["val"])
+        view = fold / "synthetic-text-guided-1" / "manifest.jsonl"
+        rows = [json.loads(line) for line in view.read_text().splitlines()]
+        assert rows and all(not val & set(r["sources"]) for r in rows)
+
+
+def test_rerun_reuses_finished_runs(ablation):
+    cfg, summary = ablation
+    weights = Path(cfg.out) / "runs" / "real" / "fold1" / "last" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert run_ablation(cfg)["rows"] == summary["rows"]
+    assert weights.stat().st_mtime_ns == before

@@ -1,0 +1,35 @@
+import math
+
+import numpy as np
+import pytest
+
+from syndiff_trainer.evaluate import fold_table, surface_metrics
+
+
+def square(top, left, size, shape=(64, 64)):
+    m = np.zeros(shape, bool)
+    m[top:top + size, left:left + size] = True
+    return m
+
+
+def test_hd95_and_nsd_of_identical_and_shifted_masks():
+    a = square(10, 10, 20)
+    assert surface_metrics(a, a) == (0.0, 1.0)
+    hd95, nsd = surface_metrics(square(13, 10, 20), a)  # shifted 3 px down
+    assert hd95 == pytest.approx(3.0)
+    assert 0.0 < nsd < 1.0  # top/bottom edges are 3 px apart: beyond the 2 px tolerance
+    _, nsd_within = surface_metrics(square(11, 10, 20), a)  # 1 px: within tolerance
+    assert nsd_within == 1.0
+
+
+def test_empty_mask_policy_for_surface_metrics():
+    empty = np.zeros((64, 64), bool)
+    assert surface_metrics(empty, empty) == (0.0, 1.0)
+    hd95, nsd = surface_metrics(empty, square(0, 0, 5))
+    assert hd95 == pytest.approx(math.hypot(64, 64)) and nsd == 0.0
+
+
+def test_fold_table_reports_mean_and_std():
+    rows = [{"dice": 0.8, "iou": 0.7, "hd95": 10.0, "nsd": 0.5}, {"dice": 0.9, "iou": 0.8, "hd95": 20.0, "nsd": 0.7}]
+    table = fold_table(rows, "t")
+    assert "85.0 ± 5.0" in table and "75.0 ± 5.0" in table and "15.0 ± 5.0" in table
