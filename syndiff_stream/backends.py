@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -100,6 +102,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SYNDIFF_CACHE", Path.home() / ".cache" / "syndiff-stream"))
 
 
+@contextmanager
+def quiet_logger(name: str):
+    """The exporters log pages of notes about operators this graph never uses."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_onnx(seg: Segmenter, path: str | Path, dynamo: bool | None = None) -> Path:
     """Export the single-step model (image -> prob, dynamic batch) to `path`, atomically.
 
@@ -115,7 +129,7 @@ def export_onnx(seg: Segmenter, path: str | Path, dynamo: bool | None = None) ->
     errors = []
     for use_dynamo in attempts:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), quiet_logger("torch.onnx"), quiet_logger("torch.export"):
                 warnings.simplefilter("ignore")
                 if use_dynamo:
                     batch = torch.export.Dim("batch", min=1, max=ONNX_MAX_BATCH)
@@ -153,6 +167,8 @@ class OnnxBackend(Backend):
         # One inference runs at a time; give it the cores, leaving decode to FFmpeg's threads.
         opts.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
         opts.inter_op_num_threads = 1
+        # Idle ORT threads spin by default, taking the cores decode and publishing need in between.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
@@ -174,7 +190,8 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
 
-    def __init__(self, seg: Segmenter, device="cuda", max_batch: int = 8, fp16: bool = True):
+    def __init__(self, seg: Segmenter, device="cuda", max_batch: int = 8, fp16: bool = True,
+                 engine_path: str | Path | None = None):
         try:
             import torch_tensorrt
         except ImportError:
@@ -183,6 +200,9 @@ class TensorRTBackend(Backend):
             raise BackendError("the tensorrt backend needs a CUDA GPU (use --backend onnx on CPU)")
         super().__init__(seg.to(device), device)
         self.max_batch = max_batch
+        if engine_path is not None:  # an exported program written by `syndiff-stream export`
+            self.module = torch_tensorrt.load(str(engine_path)).module()
+            return
         s = self.input_size
         inputs = [torch_tensorrt.Input(min_shape=(1, 3, s, s), opt_shape=(max_batch, 3, s, s),
                                        max_shape=(max_batch, 3, s, s), dtype=torch.float32)]
@@ -201,8 +221,8 @@ def make_backend(name: str, seg: Segmenter, device: str = "cpu", threads: int | 
         raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise BackendError("--device cuda: no CUDA GPU is available here (use --device cpu)")
-    if threads and name != "onnx":
-        torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)  # also what eager comparisons (bench --compare-steps) use
     if name == "eager":
         return EagerBackend(seg, device)
     if name == "compile":

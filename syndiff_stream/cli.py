@@ -71,6 +71,8 @@ def predict(
 
 BACKEND_HELP = "eager | compile | onnx | tensorrt | auto (onnx on CPU, tensorrt on CUDA when installed, else eager)"
 MODE_HELP = "recorded (lossless, backpressure) | live (latest frame wins, drops counted); default by source kind"
+ENGINE_HELP = "an engine file from `syndiff-stream export` (.onnx, or a TensorRT .ep); overrides --backend"
+PROFILE_HELP = "calibration profile (.json/.yaml): field of view, threshold, smoothing, colour correction"
 
 
 def pick_device(device: str) -> str:
@@ -83,17 +85,30 @@ def pick_device(device: str) -> str:
     return device
 
 
-def build_backend(seg, backend: str, device: str, threads: Optional[int] = None):
-    """Backend by name, with `auto` resolved and errors as one line."""
+def build_backend(seg, backend: str, device: str, threads: Optional[int] = None, engine: Optional[Path] = None):
+    """Backend by name, with `auto` resolved and errors as one line; `engine`: an exported file."""
     import importlib.util
 
     from .backends import BackendError, make_backend
+
+    if engine is not None:
+        from .export import open_engine
+
+        try:
+            return open_engine(seg, engine, device, threads, backend)
+        except BackendError as exc:
+            fail(str(exc))
 
     if backend == "auto":
         if device == "cuda":
             backend = "tensorrt" if importlib.util.find_spec("torch_tensorrt") else "eager"
         else:
             backend = "onnx" if importlib.util.find_spec("onnxruntime") else "eager"
+    if backend == "onnx":
+        from .backends import cache_dir, model_hash
+
+        if not (cache_dir() / "onnx" / f"{model_hash(seg)}.onnx").is_file():
+            typer.secho(f"exporting the model to ONNX once for this checkpoint (cached in {cache_dir()})", err=True)
     try:
         return make_backend(backend, seg, device, threads=threads)
     except BackendError as exc:
@@ -164,6 +179,8 @@ def run(
     max_frames: Optional[int] = typer.Option(None, help="stop after this many source frames"),
     fps: Optional[float] = typer.Option(None, help="frame rate of demo / folder / pseudo sources"),
     quiet: bool = typer.Option(False, help="no live status line"),
+    engine: Optional[Path] = typer.Option(None, help=ENGINE_HELP),
+    profile: Optional[Path] = typer.Option(None, help=PROFILE_HELP),
 ):
     """Segment a live or recorded video stream; publish masks over ZeroMQ and/or write files."""
     from rich.console import Console
@@ -175,10 +192,13 @@ def run(
 
     console = Console(stderr=True)
     mode_ = check_mode(mode)
-    seg = load_model(model)
+    profile_ = read_profile(profile)
     dev = pick_device(device)
-    engine = build_backend(seg, backend, dev, threads)
-    src = open_input(source)
+    # Live mode on a file plays it at its own frame rate, as a scope would deliver it.
+    src = open_input(source, fps=fps, realtime=True if mode_ == "live" else None)
+    apply_profile_checks(profile_, src)
+    seg = load_model(model)
+    backend_ = build_backend(seg, backend, dev, threads, engine)
     sinks = []
     if publish:
         try:
@@ -193,8 +213,8 @@ def run(
         sinks.append(MaskFolderSink(masks))
     if jsonl:
         sinks.append(JsonlSink(jsonl))
-    pipeline = Pipeline(src, engine, sinks, mode=mode_, smoothing=smoothing_config(smooth, seg.config.threshold),
-                        batch_size=batch, max_frames=max_frames)
+    pipeline = Pipeline(src, backend_, sinks, mode=mode_, batch_size=batch, max_frames=max_frames,
+                        **profile_stages(profile_, backend_, smooth))
     console.print(pipeline.describe())
     if quiet:
         stats = run_pipeline(pipeline)
@@ -235,8 +255,9 @@ def batch(
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         fail(f"two inputs would write to the same folder {out / dup}; rename one")
+    dev = pick_device(device)
     seg = load_model(model)
-    engine = build_backend(seg, backend, pick_device(device))
+    engine = build_backend(seg, backend, dev)
     out.mkdir(parents=True, exist_ok=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   TextColumn("{task.fields[status]}")) as progress:
@@ -279,19 +300,21 @@ def bench(
     compare_frames: int = typer.Option(3, help="frames for the T-step comparison"),
     smoothing: bool = typer.Option(False, help="also report Dice and flicker with and without smoothing (needs true masks)"),
     json_out: bool = typer.Option(False, "--json", help="print only one JSON object"),
+    engine: Optional[Path] = typer.Option(None, help=ENGINE_HELP),
 ):
     """Measure the pipeline honestly: warm up, then time decode, model and end to end."""
     import json
 
     from .benchmark import run_benchmark
 
-    seg = load_model(model)
-    dev = pick_device(device)
-    engine = build_backend(seg, backend, dev, threads)
     if frames < 1:
         fail("--frames must be >= 1")
+    mode_ = check_mode(mode)
+    dev = pick_device(device)
+    seg = load_model(model)
+    backend_ = build_backend(seg, backend, dev, threads, engine)
     try:
-        report = run_benchmark(seg, engine, lambda: open_input(source, realtime=False), frames=frames, mode=check_mode(mode), batch_size=batch,
+        report = run_benchmark(seg, backend_, lambda: open_input(source, realtime=False), frames=frames, mode=mode_, batch_size=batch,
                                compare_steps=compare_steps, compare_frames=compare_frames,
                                smoothing=smoothing_config(True, seg.config.threshold) if smoothing else None)
     except ValueError as exc:
@@ -320,6 +343,114 @@ def view(
     except ViewerError as exc:
         fail(str(exc))
     typer.echo(f"{n} frames" + (f" -> {out}" if out else ""))
+
+
+
+# ---- deployment: calibration profiles and exported engines ---------------------------------------
+
+def read_profile(path: Optional[Path]):
+    """The profile, validated before any source is opened; None without --profile."""
+    from .calibration import ProfileError, load_profile
+
+    if path is None:
+        return None
+    try:
+        return load_profile(path)
+    except ProfileError as exc:
+        fail(str(exc))
+
+
+def apply_profile_checks(profile, source) -> None:
+    from .calibration import ProfileError, check_source
+
+    if profile is not None:
+        try:
+            check_source(profile, source)
+        except ProfileError as exc:
+            source.close()
+            fail(str(exc))
+
+
+def profile_stages(profile, backend, smooth: bool) -> dict:
+    """Pipeline keyword arguments: the profile's preprocess stage and smoothing, or the defaults."""
+    from .calibration import ProfilePreprocessor
+
+    if profile is None:
+        return {"smoothing": smoothing_config(smooth, backend.seg.config.threshold)}
+    return {"smoothing": profile.smoothing_config(smooth),
+            "preprocess": ProfilePreprocessor(backend.input_size, profile, on_device=backend.device.type == "cuda")}
+
+
+@app.command()
+def export(
+    out: Path = typer.Option(..., help="engine file to write (.onnx for onnx, .ep for tensorrt); metadata goes to <out>.json"),
+    backend: str = typer.Option("onnx", help="onnx | tensorrt"),
+    model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
+    precision: str = typer.Option("fp32", help="fp32 | fp16 | int8"),
+    calibration: Optional[Path] = typer.Option(None, help="int8 calibration set: a folder of frames, a video, or a profile with an int8 manifest"),
+    max_batch: int = typer.Option(8, help="largest batch the engine accepts (tensorrt)"),
+    exporter: str = typer.Option("auto", help="onnx: auto (dynamo, TorchScript if it fails) | dynamo | torchscript"),
+):
+    """Export the model to an engine file that `run --engine` and `bench --engine` load."""
+    import warnings
+
+    from .backends import BackendError
+    from .export import export_engine
+
+    seg = load_model(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            info = export_engine(seg, backend, out, precision, calibration, max_batch, exporter)
+        except BackendError as exc:
+            fail(str(exc))
+    for w in caught:
+        if "TorchScript exporter" in str(w.message):
+            typer.secho(f"warning: {w.message}", err=True, fg=typer.colors.YELLOW)
+    typer.echo(f"{out}: {info.backend} {info.precision} ({info.exporter}), exported in {info.export_s:.1f} s"
+               + (f", calibrated on {len(info.calibration)} frames" if info.calibration else ""))
+
+
+@app.command()
+def calibrate(
+    frames: Path = typer.Option(..., help="this scope's frames: a folder of images (or a dataset layout with masks) or a video"),
+    out: Path = typer.Option(..., help="profile to write (.json or .yaml)"),
+    masks: Optional[Path] = typer.Option(None, help="true masks: same stems as the images, or frame numbers for a video"),
+    model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
+    name: str = typer.Option("site", help="profile name"),
+    scope: str = typer.Option("", help="endoscope / video processor model, recorded in the profile"),
+    site: str = typer.Option("", help="site, recorded in the profile"),
+    max_frames: int = typer.Option(200, help="use at most this many frames, evenly spaced"),
+    int8_frames: int = typer.Option(16, help="frames kept as the INT8 calibration set manifest (0: none)"),
+    flicker_weight: float = typer.Option(0.5, help="Dice points traded per unit of flicker beyond the true masks'"),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    device: str = typer.Option("auto", help="cpu | cuda | auto"),
+):
+    """Measure a calibration profile for one scope/site; `run --profile` applies it."""
+    import torch
+
+    from .calibration import ProfileError, calibrate_profile, read_frames, save_profile
+
+    if out.suffix not in (".json", ".yaml", ".yml"):
+        fail(f"--out {out}: a profile is .json or .yaml")
+    dev = pick_device(device)
+    seg = load_model(model)
+    engine = build_backend(seg, backend, dev)
+    try:
+        frames_, manifest = read_frames(frames, masks, limit=max_frames)
+        profile = calibrate_profile(
+            frames_, lambda x: engine.infer(torch.from_numpy(x).to(engine.device))[:, 0].cpu().numpy(),
+            seg.config.image_size, name=name, scope=scope, site=site, manifest=manifest if int8_frames else (),
+            int8_frames=int8_frames, flicker_weight=flicker_weight, default_threshold=seg.config.threshold)
+    except ProfileError as exc:
+        fail(str(exc))
+    save_profile(profile, out)
+    c = profile.calibrated
+    scores = ("  (no masks: threshold and smoothing kept from the default)" if not c["labelled"] else
+              f"  Dice {c['dice_raw']:.3f}" + (f" raw -> {c['dice_smoothed']:.3f} smoothed, flicker "
+                                               f"{c['flicker_raw']:.3f} -> {c['flicker_smoothed']:.3f}" if "dice_smoothed" in c else ""))
+    typer.echo(f"{out}: {c['frames']} frames, field of view {profile.fov.mode}, threshold {profile.threshold}, "
+               f"colour {profile.color.method}" + scores)
 
 
 if __name__ == "__main__":

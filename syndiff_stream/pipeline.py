@@ -15,8 +15,8 @@ import queue
 import threading
 import time
 from collections import deque
-from contextlib import suppress
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from itertools import groupby
 
@@ -72,16 +72,18 @@ class Stats:
 class Pipeline:
     def __init__(self, source: Source, backend: Backend, sinks: Sequence = (), *, mode: Mode | str | None = None,
                  smoothing: SmoothingConfig | None = None, batch_size: int | None = None,
-                 buffer_size: int | None = None, max_frames: int | None = None):
+                 buffer_size: int | None = None, max_frames: int | None = None,
+                 preprocess: Preprocessor | None = None):
         """`smoothing=None` keeps the model's per-frame masks (prob >= threshold); `batch_size`
-        defaults to 4 in recorded mode and 1 in live mode (batching adds latency)."""
+        defaults to 4 in recorded mode and 1 in live mode (batching adds latency); `preprocess`
+        replaces the default stage (e.g. a calibration profile's ProfilePreprocessor)."""
         self.mode = Mode(mode) if mode else source.default_mode
         live = self.mode is Mode.LIVE
         self.batch_size = batch_size or (1 if live else 4)
         self.max_frames = max_frames
         # ---- the graph -------------------------------------------------------------------------
         self.source = source
-        self.preprocess = Preprocessor(backend.input_size, on_device=backend.device.type == "cuda")
+        self.preprocess = preprocess or Preprocessor(backend.input_size, on_device=backend.device.type == "cuda")
         self.buffer = FrameBuffer(buffer_size or (1 if live else 2 * self.batch_size), self.mode)
         self.runner = make_runner(backend)
         self.smoother = Smoother(smoothing or SmoothingConfig.off(backend.seg.config.threshold))
@@ -93,6 +95,7 @@ class Pipeline:
         self.stats = Stats(mode=self.mode.value)
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
+        self._last_done = 0.0
 
     def describe(self) -> str:
         cfg = self.smoother.config
@@ -160,7 +163,10 @@ class Pipeline:
     def _collect(self, entry) -> None:
         items, handle, t0 = entry
         prob = handle.result()
-        self.stats.model_s += time.perf_counter() - t0
+        now = time.perf_counter()
+        # Busy time of the inference stage: with batches overlapping on CUDA, count each second once.
+        self.stats.model_s += now - max(t0, self._last_done)
+        self._last_done = now
         self.stats.model_frames += len(items)
         for item, p in zip(items, prob):
             self._emit((item, p))

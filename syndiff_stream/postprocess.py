@@ -27,18 +27,24 @@ class Polyp:
 
 
 def find_polyps(mask: np.ndarray, prob: np.ndarray | None = None) -> list[Polyp]:
-    """Bool mask (H, W) and its probability map -> polyps, largest first."""
+    """Bool mask (H, W) and its probability map -> polyps, largest first.
+
+    One labelling pass and one contour pass over the whole mask (each outer contour belongs to the
+    component under its first point), so cost does not grow with the number of components."""
     if not mask.any():
         return []
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    if prob is not None:
-        sums = np.bincount(labels.ravel(), weights=prob.ravel().astype(np.float64), minlength=n)
-    polyps = []
-    for i in range(1, n):
-        x, y, w, h, area = (int(v) for v in stats[i])
-        component = (labels[y:y + h, x:x + w] == i).astype(np.uint8)
-        contours, _ = cv2.findContours(component, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x, y))
-        contour = max(contours, key=cv2.contourArea).reshape(-1, 2)
-        score = float(sums[i] / area) if prob is not None else 1.0
-        polyps.append(Polyp((x, y, x + w, y + h), area, score, contour))
+    mask_u8 = mask.astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask_u8, connectivity=8)
+    scores = (np.bincount(labels.ravel(), weights=prob.ravel().astype(np.float64), minlength=n)
+              / np.maximum(stats[:, cv2.CC_STAT_AREA], 1)) if prob is not None else np.ones(n)
+    # CCOMP puts the outer boundary of every component at the top level, including components that
+    # sit inside another one's hole (which RETR_EXTERNAL would skip).
+    contours, hierarchy = cv2.findContours(mask_u8, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    outline = {}
+    for contour, (_, _, _, parent) in zip(contours, hierarchy[0]):
+        if parent < 0:
+            x, y = contour[0, 0]
+            outline[int(labels[y, x])] = contour.reshape(-1, 2)
+    polyps = [Polyp((int(x), int(y), int(x + w), int(y + h)), int(area), float(scores[i]), outline[i])
+              for i, (x, y, w, h, area) in enumerate(stats[1:, :5], start=1)]
     return sorted(polyps, key=lambda p: -p.area)

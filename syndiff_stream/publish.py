@@ -28,10 +28,12 @@ class Publisher:
             raise ValueError(f"unknown mask encoding {encoding!r}: choose one of {', '.join(ENCODINGS)}")
         self.endpoint, self.encoding, self.overlay, self.jpeg_quality = endpoint, encoding, overlay, jpeg_quality
         self.sent = self.dropped = 0
-        self.subscriptions = 0
+        self.subscribers = 0
+        self.frames, self.source_id = 0, None
         self.socket = (context or zmq.Context.instance()).socket(zmq.XPUB)
         self.socket.setsockopt(zmq.SNDHWM, hwm)
         self.socket.setsockopt(zmq.XPUB_NODROP, 1)
+        self.socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscriber's subscriptions, not just the first
         self.socket.setsockopt(zmq.LINGER, 0)
         try:
             self.socket.bind(endpoint)
@@ -51,13 +53,14 @@ class Publisher:
     def _poll_subscriptions(self, timeout_ms: int = 0) -> None:
         while self.socket.poll(timeout_ms, zmq.POLLIN):
             msg = self.socket.recv()
-            self.subscriptions += 1 if msg[:1] == b"\x01" else -1
+            if msg[1:] == TOPIC_END:  # every Subscriber subscribes to "end" last: one per subscriber
+                self.subscribers += 1 if msg[:1] == b"\x01" else -1
             timeout_ms = 0
 
     def wait_for_subscribers(self, count: int = 1, timeout: float = 10.0) -> bool:
-        """Block until `count` subscriptions arrived (True) or `timeout` seconds passed (False)."""
+        """Block until `count` subscribers have connected (True) or `timeout` seconds passed (False)."""
         deadline = time.monotonic() + timeout
-        while self.subscriptions < count:
+        while self.subscribers < count:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
@@ -65,6 +68,7 @@ class Publisher:
         return True
 
     def write(self, result: Result) -> None:
+        self.frames, self.source_id = self.frames + 1, result.frame.source_id
         header = make_header(result, self.encoding)
         self._send([TOPIC_MASK, dumps(header), encode_mask(result.mask, self.encoding)])
         if self.overlay:
@@ -72,10 +76,13 @@ class Publisher:
             ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
             self._send([TOPIC_OVERLAY, dumps(dict(header, encoding="jpeg")), jpeg.tobytes()])
 
-    def end(self, source_id: str, frames: int) -> None:
+    def end(self) -> None:
         """Tell subscribers the stream is over (best effort, like every send)."""
-        self._send([TOPIC_END, dumps({"schema": SCHEMA_VERSION,
-                                      "source_id": source_id, "frames": frames}), b""])
+        self._send([TOPIC_END, dumps({"schema": SCHEMA_VERSION, "source_id": self.source_id,
+                                      "frames": self.frames}), b""])
 
-    def close(self) -> None:
-        self.socket.close(linger=0)
+    def close(self, linger: float = 1.0) -> None:
+        """Send end-of-stream, then give queued messages up to `linger` seconds to leave."""
+        if not self.socket.closed:
+            self.end()
+            self.socket.close(linger=int(linger * 1000))

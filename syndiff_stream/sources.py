@@ -127,7 +127,7 @@ class ImageFolderSource(Source):
     kind = "folder"
 
     def __init__(self, folder: str | Path, fps: float = 30.0):
-        from .datasets import DatasetError, Pair, find_pairs, pair_folders
+        from .datasets import DatasetError, find_pairs, pair_folders
 
         folder = Path(folder)
         self.source_id, self.fps = folder.name, fps
@@ -138,7 +138,6 @@ class ImageFolderSource(Source):
                 self.pairs = pair_folders(folder, None)
             except DatasetError as exc:
                 raise SourceError(str(exc)) from None
-        self.pairs: list[Pair]
 
     def __len__(self) -> int:
         return len(self.pairs)

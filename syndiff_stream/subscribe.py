@@ -51,6 +51,7 @@ class Subscriber:
         self.socket = (context or zmq.Context.instance()).socket(zmq.SUB)
         self.socket.setsockopt(zmq.RCVHWM, hwm)
         self.socket.setsockopt(zmq.LINGER, 0)
+        # "end" last: the publisher counts subscribers by it, and then sees the other topics too.
         for topic, wanted in ((TOPIC_MASK, masks), (TOPIC_OVERLAY, overlay), (TOPIC_END, True)):
             if wanted:
                 self.socket.setsockopt(zmq.SUBSCRIBE, topic)

@@ -77,3 +77,17 @@ def rt_free_endpoint() -> str:
 @pytest.fixture
 def rt_endpoint() -> str:
     return rt_free_endpoint()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def rt_isolated_cache(tmp_path_factory):
+    """ONNX exports made by tests go to a temporary cache, never to ~/.cache."""
+    import os
+
+    old = os.environ.get("SYNDIFF_CACHE")
+    os.environ["SYNDIFF_CACHE"] = str(tmp_path_factory.mktemp("rt_cache"))
+    yield
+    if old is None:
+        os.environ.pop("SYNDIFF_CACHE", None)
+    else:
+        os.environ["SYNDIFF_CACHE"] = old

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from conftest import rt_make_tiny_segmenter
-from syndiff_stream import backends
 from syndiff_stream.backends import BackendError, OnnxBackend, make_backend, model_hash
 from syndiff_stream.engine import prepare_on_device
 from syndiff_stream.metrics import dice

@@ -20,3 +20,21 @@ def test_one_record_per_component_largest_first():
 
 def test_empty_mask_has_no_polyps():
     assert find_polyps(np.zeros((8, 8), bool), np.zeros((8, 8), np.float32)) == []
+
+
+def test_every_component_gets_its_outline_even_inside_a_hole():
+    mask = np.zeros((40, 40), bool)
+    mask[5:35, 5:35] = True
+    mask[10:30, 10:30] = False  # a ring ...
+    mask[18:22, 18:22] = True  # ... with a polyp in its hole
+    polyps = find_polyps(mask, mask.astype(np.float32))
+    assert [p.area for p in polyps] == [500, 16]
+    inner = polyps[1].contour
+    assert inner[:, 0].min() >= 18 and inner[:, 0].max() <= 21
+
+
+def test_many_components_stay_cheap():
+    rng = np.random.default_rng(0)
+    mask = rng.random((300, 300)) > 0.7  # speckle, like an untrained model's output
+    polyps = find_polyps(mask, mask.astype(np.float32))
+    assert sum(p.area for p in polyps) == mask.sum() and all(len(p.contour) for p in polyps)

@@ -1,4 +1,3 @@
-import threading
 import time
 
 import numpy as np
@@ -45,9 +44,8 @@ def test_subscriber_gets_masks_headers_and_end(rt_endpoint):
         assert pub.wait_for_subscribers(1, timeout=5)
         for i in range(3):
             pub.write(result(i))
-        pub.end("cam", 3)
+        pub.close()  # sends end-of-stream
         got = list(sub.messages(timeout=5))
-    pub.close()
     assert [m.topic for m in got] == ["mask"] * 3  # overlays are off by default
     h = got[1].header
     assert h["schema"] == SCHEMA_VERSION and h["source_id"] == "cam" and h["frame_index"] == 1
@@ -79,7 +77,7 @@ def test_absent_or_stalled_subscriber_never_blocks_and_drops_are_counted(rt_endp
     assert time.perf_counter() - start < 5
     assert pub.dropped > 0 and pub.sent + pub.dropped == 550
     stalled.close()
-    pub.close()
+    pub.close(linger=0)
 
 
 def test_decode_rejects_malformed_messages():
@@ -94,3 +92,15 @@ def test_bind_failure_names_the_endpoint(rt_endpoint):
     with pytest.raises(ValueError, match=rt_endpoint):
         Publisher(rt_endpoint)
     first.close()
+
+
+def test_wait_for_subscribers_counts_subscribers_not_topics(rt_endpoint):
+    pub = Publisher(rt_endpoint)
+    first = Subscriber(rt_endpoint, overlay=True)
+    assert pub.wait_for_subscribers(1, timeout=5)
+    assert not pub.wait_for_subscribers(2, timeout=0.3)
+    second = Subscriber(rt_endpoint)
+    assert pub.wait_for_subscribers(2, timeout=5)
+    first.close()
+    second.close()
+    pub.close(linger=0)

@@ -13,18 +13,27 @@ KVASIR = HERE.parents[1].parent / "shared" / "data" / "kvasir-seg-train"
 sys.path.insert(0, str(HERE))
 
 
-@pytest.fixture(scope="session")
-def kvasir_subset(tmp_path_factory) -> Path:
-    """Eight real Kvasir-SEG pairs, linked (not copied) into a temporary Kvasir-layout folder."""
+def link_kvasir_subset(tmp_path_factory, n: int) -> Path:
+    """The first n real Kvasir-SEG pairs, linked (not copied) into a temporary Kvasir-layout folder."""
     if not (KVASIR / "images").is_dir():
         pytest.skip(f"real data not available: {KVASIR} is absent")
-    root = tmp_path_factory.mktemp("kvasir-subset")
+    root = tmp_path_factory.mktemp(f"kvasir-subset-{n}")
     for sub in ("images", "masks"):
         (root / sub).mkdir()
-    for image in sorted((KVASIR / "images").glob("*.jpg"))[:8]:
+    for image in sorted((KVASIR / "images").glob("*.jpg"))[:n]:
         (root / "images" / image.name).symlink_to(image)
         (root / "masks" / image.name).symlink_to(KVASIR / "masks" / image.name)
     return root
+
+
+@pytest.fixture(scope="session")
+def kvasir_subset(tmp_path_factory) -> Path:
+    return link_kvasir_subset(tmp_path_factory, 8)
+
+
+@pytest.fixture(scope="session")
+def kvasir_40(tmp_path_factory) -> Path:
+    return link_kvasir_subset(tmp_path_factory, 40)
 
 
 @pytest.fixture(scope="session")

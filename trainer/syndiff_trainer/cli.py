@@ -38,6 +38,7 @@ def fit(
     val_fraction: float = typer.Option(0.1, help="held-out validation fraction when no split file is given"),
     split_file: Optional[Path] = typer.Option(None, help="JSON {train: [stems], val: [stems]}"),
     val_every: int = typer.Option(250),
+    image_size: int = typer.Option(256, help="model input size (square)"),
     mask_ae_steps: int = typer.Option(600, help="stage 1 steps (stops early once reconstruction Dice >= 0.99)"),
     latent_loss_weight: Optional[float] = typer.Option(None, help="lambda in L1(n, n~) + lambda * L1(z0, z0~)"),
     mask_loss_weight: Optional[float] = typer.Option(None, help="extra Dice loss on the decoded mask (0 = paper)"),
@@ -62,7 +63,7 @@ def fit(
                     init_vae=str(init_vae) if init_vae else None, init_from=str(init_from) if init_from else None,
                     freeze_encoder=freeze_encoder, steps=steps, batch_size=batch_size, lr=lr,
                     warmup_steps=warmup_steps, ema_decay=ema_decay, augment=augment, val_fraction=val_fraction,
-                    split_file=str(split_file) if split_file else None, val_every=val_every,
+                    split_file=str(split_file) if split_file else None, val_every=val_every, image_size=image_size,
                     mask_ae_steps=mask_ae_steps, synthetic=str(synthetic) if synthetic else None,
                     synthetic_count=synthetic_count, synthetic_ratio=synthetic_ratio, seed=seed, device=device, threads=threads)
     result = run_fit(cfg)

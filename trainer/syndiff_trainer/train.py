@@ -136,8 +136,8 @@ def train_mask_autoencoder(model: Segmenter, train: ArrayDataset, val: ArrayData
             if step % 100 == 0 or step == cfg.mask_ae_steps:
                 best = reconstruction_dice(model, val.masks, device)
                 vae.train()
-                log({"stage": 1, "step": step, "loss": float(loss), "recon_dice": best})
-                bar.update(task, info=f"loss {float(loss):.4f} recon dice {best:.4f}")
+                log({"stage": 1, "step": step, "loss": loss.item(), "recon_dice": best})
+                bar.update(task, info=f"loss {loss.item():.4f} recon dice {best:.4f}")
                 if best >= cfg.mask_ae_target_dice and step >= cfg.mask_ae_steps // 4:
                     bar.update(task, completed=cfg.mask_ae_steps)
                     break
@@ -200,9 +200,29 @@ def fit(cfg: FitConfig) -> dict:
         log_file.write(json.dumps({"time": round(time.time(), 1), **row}) + "\n")
         log_file.flush()
 
+    state_dir = out / "state"
+    needs_stage1 = False
+    resuming = (state_dir / "state.json").is_file()
+    if resuming:
+        meta = json.loads((state_dir / "state.json").read_text())
+        model = Segmenter(SegmenterConfig.from_dict(meta["model_config"])).to(device)
+    elif (out / "mask_ae" / "config.json").is_file():  # interrupted between stage 1 and stage 2
+        model = Segmenter.from_pretrained(out / "mask_ae").to(device)
+    elif cfg.init_from:
+        model = Segmenter.from_pretrained(cfg.init_from).to(device)
+        for k, v in cfg.model_overrides.items():
+            setattr(model.config, k, v)
+    else:
+        model = Segmenter(preset_config(cfg.preset, **{"image_size": cfg.image_size, **cfg.model_overrides})).to(device)
+        if cfg.init_vae:
+            init_from_sd_vae(model, cfg.init_vae)
+        elif cfg.preset == "sd":
+            raise SystemExit("the sd preset needs --init-vae PATH (a local Stable Diffusion VAE folder)")
+        else:
+            needs_stage1 = True
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
-    ds = load_dataset(cfg.data, cfg.image_size, cache_dir=cache, progress=cfg.progress) if cache else \
-        load_dataset(cfg.data, cfg.image_size, progress=cfg.progress)
+    ds = load_dataset(cfg.data, model.config.image_size, cache_dir=cache, progress=cfg.progress) if cache else \
+        load_dataset(cfg.data, model.config.image_size, progress=cfg.progress)
     split_path = Path(cfg.split_file) if cfg.split_file else out / "split.json"
     if split_path.is_file():
         split = json.loads(split_path.read_text())
@@ -214,28 +234,13 @@ def fit(cfg: FitConfig) -> dict:
         from .synthetic import load_synthetic, synthetic_count
 
         count = synthetic_count(cfg.synthetic_count, cfg.synthetic_ratio, len(train))
-        train = train.concat(load_synthetic(cfg.synthetic, count, cfg.image_size, cfg.seed, exclude=split["val"]))
+        train = train.concat(load_synthetic(cfg.synthetic, count, model.config.image_size, cfg.seed, exclude=split["val"]))
     print(f"data: {len(train)} train, {len(val)} validation images ({cfg.data})")
 
-    state_dir = out / "state"
-    resuming = (state_dir / "state.json").is_file()
-    if resuming:
-        meta = json.loads((state_dir / "state.json").read_text())
-        model = Segmenter(SegmenterConfig.from_dict(meta["model_config"])).to(device)
-    elif cfg.init_from:
-        model = Segmenter.from_pretrained(cfg.init_from).to(device)
-        for k, v in cfg.model_overrides.items():
-            setattr(model.config, k, v)
-    else:
-        model = Segmenter(preset_config(cfg.preset, **cfg.model_overrides)).to(device)
-        if cfg.init_vae:
-            init_from_sd_vae(model, cfg.init_vae)
-        elif cfg.preset == "sd":
-            raise SystemExit("the sd preset needs --init-vae PATH (a local Stable Diffusion VAE folder)")
-        else:
-            rec = train_mask_autoencoder(model, train, val, cfg, device, log)
-            model.save_pretrained(out / "mask_ae", extra={"stage": 1, "recon_dice": rec})
-            print(f"stage 1: mask autoencoder reconstruction Dice {rec:.4f} on validation masks")
+    if needs_stage1:
+        rec = train_mask_autoencoder(model, train, val, cfg, device, log)
+        model.save_pretrained(out / "mask_ae", extra={"stage": 1, "recon_dice": rec})
+        print(f"stage 1: mask autoencoder reconstruction Dice {rec:.4f} on validation masks")
     model.mask_vae.eval().requires_grad_(False)
     if cfg.freeze_encoder:
         model.vision_encoder.requires_grad_(False)
@@ -288,12 +293,12 @@ def fit(cfg: FitConfig) -> dict:
             with torch.no_grad():
                 for n, p in zip(names, params):
                     ema[n].lerp_(p.detach(), 1 - decay)
-            info = f"loss {float(losses['loss']):.4f}"
+            info = f"loss {losses['loss'].item():.4f}"
             if step % cfg.val_every == 0 or step == cfg.steps:
                 scored = ema_model()
                 val_dice = validation_dice(scored, val, device)
                 row = {"stage": 2, "step": step, "lr": lr_at(step), "val_dice": val_dice,
-                       **{k: float(v) for k, v in losses.items()},
+                       **{k: v.item() for k, v in losses.items()},
                        "sec_per_step": (time.time() - started) / max(1, step - start_step)}
                 log(row)
                 if val_dice > best:

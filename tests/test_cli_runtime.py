@@ -1,0 +1,135 @@
+import json
+import threading
+
+import av
+import pytest
+from typer.testing import CliRunner
+
+from conftest import rt_write_video
+from syndiff_stream.backends import make_backend
+from syndiff_stream.cli import app
+from syndiff_stream.pipeline import Pipeline
+from syndiff_stream.publish import Publisher
+from syndiff_stream.sources import open_source
+from syndiff_stream.subscribe import Subscriber
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def frames_in(path):
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def test_run_file_to_every_sink_and_subscriber(rt_tiny_model_dir, rt_video, tmp_path, rt_endpoint):
+    received = []
+    with Subscriber(rt_endpoint) as sub:
+        reader = threading.Thread(target=lambda: received.extend(sub.messages(timeout=60)))
+        reader.start()
+        result = invoke("run", rt_video, "--model", rt_tiny_model_dir, "--backend", "eager", "--publish", rt_endpoint,
+                        "--wait-subscribers", 1, "--encoding", "rle", "--overlay", tmp_path / "o.mp4",
+                        "--masks", tmp_path / "m", "--jsonl", tmp_path / "f.jsonl", "--quiet")
+        reader.join(timeout=60)
+    assert result.exit_code == 0, result.output
+    assert "frames 12/12" in result.output
+    assert len(received) == 12 and received[0].mask.shape == (120, 160)
+    assert frames_in(tmp_path / "o.mp4") == 12
+    assert len(list((tmp_path / "m").glob("*.png"))) == 12
+    assert len((tmp_path / "f.jsonl").read_text().splitlines()) == 12
+
+
+def test_run_demo_by_default(rt_tiny_model_dir):
+    result = invoke("run", "--model", rt_tiny_model_dir, "--backend", "eager", "--publish", "",
+                    "--max-frames", 3, "--fps", 100)
+    assert result.exit_code == 0, result.output
+    assert "demo:0" in result.output and "live buffer" in result.output and "frames 3/3" in result.output
+
+
+@pytest.mark.parametrize("args, named", [
+    (["run", "missing.mp4"], "missing.mp4"),
+    (["run", "demo", "--mode", "fast"], "--mode"),
+    (["run", "demo", "--backend", "turbo"], "turbo"),
+    (["run", "demo", "--device", "tpu"], "--device"),
+    (["bench", "--frames", "0"], "--frames"),
+])
+def test_bad_input_is_one_line_and_exit_2(rt_tiny_model_dir, args, named):
+    result = invoke(*args, "--model", rt_tiny_model_dir)
+    assert result.exit_code == 2
+    assert named in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_bad_model_is_named(tmp_path):
+    result = invoke("run", "demo", "--model", tmp_path / "nope")
+    assert result.exit_code == 2 and "nope" in result.output
+
+
+def test_batch_is_resumable(rt_tiny_model_dir, tmp_path):
+    videos = []
+    for name in ("a", "b"):
+        rt_write_video(tmp_path / f"{name}.mp4", frames=6, size=(60, 80))
+        videos.append(tmp_path / f"{name}.mp4")
+    out = tmp_path / "out"
+    (out / ".b.partial").mkdir(parents=True)  # debris of an interrupted earlier run
+    result = invoke("batch", *videos, "--out", out, "--model", rt_tiny_model_dir, "--backend", "eager")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
+    for name in ("a", "b"):
+        folder = out / name
+        assert (folder / ".done").is_file() and frames_in(folder / "overlay.mp4") == 6
+        assert len(list((folder / "masks").glob("*.png"))) == 6
+        assert json.loads((folder / "summary.json").read_text())["frames_out"] == 6
+    stamp = (out / "a" / "frames.jsonl").stat().st_mtime_ns
+    again = invoke("batch", *videos, "--out", out, "--model", rt_tiny_model_dir, "--backend", "eager")
+    assert again.exit_code == 0 and "skipped" in again.output
+    assert (out / "a" / "frames.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_bench_prints_one_json_object(rt_tiny_model_dir):
+    result = invoke("bench", "--model", rt_tiny_model_dir, "--backend", "eager", "--frames", 8,
+                    "--compare-steps", 3, "--compare-frames", 1, "--smoothing", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for key in ("device", "backend", "model_params", "input_size", "frames", "decode_fps", "model_fps", "e2e_fps",
+                "latency_ms", "dropped", "multistep_fps", "speedup"):
+        assert key in report, key
+    assert report["frames"] == 8 and report["backend"] == "eager" and report["input_size"] == 64
+    assert set(report["latency_ms"]) == {"p50", "p95", "p99"} and report["speedup"] > 1
+    assert {"dice_raw", "dice_smoothed", "flicker_raw", "flicker_smoothed"} <= set(report["smoothing"])
+
+
+def test_view_records_overlays_to_a_file(rt_tiny_segmenter, rt_video, tmp_path, rt_endpoint):
+    # The publishing side runs through the Python API in a thread: CliRunner swaps sys.stdout,
+    # so two CLI invocations cannot run at once.
+    pub = Publisher(rt_endpoint, overlay=True)
+
+    def publish():
+        if pub.wait_for_subscribers(1, timeout=60):
+            Pipeline(open_source(str(rt_video)), make_backend("eager", rt_tiny_segmenter), [pub]).run()
+
+    sender = threading.Thread(target=publish)
+    sender.start()
+    result = invoke("view", rt_endpoint, "--out", tmp_path / "v.mp4", "--timeout", 60)
+    sender.join(timeout=60)
+    assert result.exit_code == 0, result.output
+    assert frames_in(tmp_path / "v.mp4") == 12 and "12 frames" in result.output
+
+
+def test_view_without_display_asks_for_a_file(monkeypatch, rt_endpoint):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    result = invoke("view", rt_endpoint)
+    assert result.exit_code == 2 and "--out" in result.output
+
+
+def test_live_mode_on_a_file_plays_at_its_frame_rate(rt_tiny_model_dir, rt_video):
+    import time
+
+    start = time.perf_counter()
+    result = invoke("run", rt_video, "--model", rt_tiny_model_dir, "--backend", "eager", "--publish", "",
+                    "--mode", "live", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "live buffer" in result.output and time.perf_counter() - start >= 11 / 25
