@@ -37,6 +37,7 @@ class Frame:
     pts: float | None
     capture_time: float = field(default_factory=time.time)
     truth: np.ndarray | None = None  # bool (H, W), when the source knows the true mask
+    gap_s: float = 0.0  # seconds a live source was disconnected just before this frame
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -108,3 +109,4 @@ class Result:
     polyps: list  # postprocess.Polyp, largest first
     fov: Any  # preprocess.FieldOfView used for this frame
     latency: float  # seconds from capture_time to the end of postprocessing
+    valid: bool = True  # False when the model gave NaN/inf: mask and polyps are then empty, not garbage

@@ -38,6 +38,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SAMPLINGS = ("uniform", "focused")
+MASK_LOGIT_SCALE = 4.0  # decoder output ~[-1, 1] -> logits; 0 stays the decision boundary
 
 
 class CheckpointError(ValueError):
@@ -85,7 +86,7 @@ class SegmenterConfig:
     focus_prob: float = 0.5
     inference_timestep: int = 999
     latent_loss_weight: float = 1.0  # lambda
-    mask_loss_weight: float = 0.0  # optional Dice loss on D(z0~); 0 keeps the paper's loss
+    mask_loss_weight: float = 0.0  # optional Dice + BCE loss on D(z0~); 0 keeps the paper's loss
     threshold: float = 0.5
     noise_seed: int = 0
 
@@ -208,10 +209,14 @@ class Segmenter(nn.Module):
             x = x.expand(-1, self.config.mask_channels, -1, -1)
         return self.mask_vae.encode(self.mask_fold(x)).latent_dist.mode() * self.config.latent_scaling_factor
 
-    def decode_latent(self, z0: torch.Tensor) -> torch.Tensor:
-        """Scaled latent -> polyp probability (B,1,H,W) in [0, 1]; channels averaged as in SDSeg."""
+    def decode_raw(self, z0: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> decoder output (B,1,H,W), channels averaged as in SDSeg; > 0 is polyp."""
         x = self.mask_unfold(self.mask_vae.decode(z0 / self.config.latent_scaling_factor).sample)
-        return ((x.mean(1, keepdim=True) + 1) / 2).clamp(0, 1)
+        return x.mean(1, keepdim=True)
+
+    def decode_latent(self, z0: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> polyp probability (B,1,H,W) in [0, 1]."""
+        return ((self.decode_raw(z0) + 1) / 2).clamp(0, 1)
 
     # ---- diffusion ----------------------------------------------------------------------------
     def _coeffs(self, t: torch.Tensor):
@@ -263,10 +268,14 @@ class Segmenter(nn.Module):
         losses = {"noise": loss_noise, "latent": loss_latent}
         loss = loss_noise + cfg.latent_loss_weight * loss_latent
         if cfg.mask_loss_weight > 0:
-            prob = self.decode_latent(z0_hat)
+            # Through the frozen decoder D: a latent that is close in L1 can still decode to an empty
+            # mask. A sigmoid of the raw output (not the clamped probability) keeps a gradient on
+            # every pixel, also on a missed polyp far below the threshold.
+            logits = MASK_LOGIT_SCALE * self.decode_raw(z0_hat)
+            prob = torch.sigmoid(logits)
             inter = (prob * mask).sum((1, 2, 3))
             dice = (2 * inter + 1) / (prob.sum((1, 2, 3)) + mask.sum((1, 2, 3)) + 1)
-            losses["mask"] = (1 - dice).mean()
+            losses["mask"] = (1 - dice).mean() + F.binary_cross_entropy_with_logits(logits, mask)
             loss = loss + cfg.mask_loss_weight * losses["mask"]
         losses["loss"] = loss
         return losses

@@ -14,9 +14,10 @@ import numpy as np
 from .frames import Result
 
 SCHEMA_VERSION = 1
-TOPIC_MASK, TOPIC_OVERLAY, TOPIC_END = b"mask", b"overlay", b"end"
+TOPIC_MASK, TOPIC_OVERLAY, TOPIC_END, TOPIC_STATUS = b"mask", b"overlay", b"end", b"status"
 ENCODINGS = ("raw", "png", "rle")
 MAX_POLYPS = 32  # per header, largest first: an untrained model's speckle must not bloat messages
+MAX_PIXELS = 1 << 26  # 8K is 33 Mpx: a header asking for more is hostile or broken, not a frame
 
 
 class ProtocolError(ValueError):
@@ -42,20 +43,53 @@ def encode_mask(mask: np.ndarray, encoding: str) -> bytes:
     raise ProtocolError(f"unknown mask encoding {encoding!r}: choose one of {', '.join(ENCODINGS)}")
 
 
+def check_shape(shape) -> tuple[int, int]:
+    """A header's `shape` as (H, W), refused unless two positive ints within MAX_PIXELS."""
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+        raise ProtocolError(f"header shape {shape!r} is not [height, width]")
+    if shape[0] * shape[1] > MAX_PIXELS:
+        raise ProtocolError(f"header shape {shape[0]}x{shape[1]} exceeds {MAX_PIXELS} pixels")
+    return int(shape[0]), int(shape[1])
+
+
+def image_size(payload: bytes) -> tuple[int, int] | None:
+    """(H, W) from a PNG's IHDR or a JPEG's start-of-frame, read before decoding so a small
+    payload cannot make the decoder allocate a huge image; None when neither is found."""
+    if payload[:8] == b"\x89PNG\r\n\x1a\n" and payload[12:16] == b"IHDR":
+        return int.from_bytes(payload[20:24], "big"), int.from_bytes(payload[16:20], "big")
+    i = 2 if payload[:2] == b"\xff\xd8" else len(payload)
+    while i + 9 <= len(payload) and payload[i] == 0xFF:
+        marker, length = payload[i + 1], int.from_bytes(payload[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(payload[i + 5:i + 7], "big"), int.from_bytes(payload[i + 7:i + 9], "big")
+        i += 2 + length
+    return None
+
+
+def decode_image(payload: bytes, shape, flags: int) -> np.ndarray:
+    """PNG/JPEG payload -> array, only when its own size matches the header's `shape`."""
+    if image_size(payload) != tuple(shape):
+        raise ProtocolError(f"image payload is not a PNG/JPEG of the header shape {shape[0]}x{shape[1]}")
+    data = cv2.imdecode(np.frombuffer(payload, np.uint8), flags)
+    if data is None or data.shape[:2] != tuple(shape):
+        raise ProtocolError(f"image payload does not decode to the header shape {shape[0]}x{shape[1]}")
+    return data
+
+
 def decode_mask(payload: bytes, encoding: str, shape) -> np.ndarray:
-    """Payload -> bool (H, W); inverse of `encode_mask`."""
-    h, w = int(shape[0]), int(shape[1])
+    """Payload -> bool (H, W); inverse of `encode_mask`. Anything malformed is a ProtocolError."""
+    h, w = check_shape(shape)
     if encoding == "raw":
         data = np.frombuffer(payload, np.uint8)
         if data.size != h * w:
             raise ProtocolError(f"raw mask has {data.size} bytes, header shape {h}x{w} needs {h * w}")
         return data.reshape(h, w).astype(bool)
     if encoding == "png":
-        data = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_GRAYSCALE)
-        if data is None or data.shape != (h, w):
-            raise ProtocolError(f"PNG mask does not decode to the header shape {h}x{w}")
-        return data > 127
+        return decode_image(payload, (h, w), cv2.IMREAD_GRAYSCALE) > 127
     if encoding == "rle":
+        if len(payload) % 4:
+            raise ProtocolError(f"RLE payload of {len(payload)} bytes is not whole uint32 runs")
         runs = np.frombuffer(payload, "<u4").astype(np.int64)
         if runs.sum() != h * w:
             raise ProtocolError(f"RLE runs cover {runs.sum()} pixels, header shape {h}x{w} needs {h * w}")
@@ -78,6 +112,8 @@ def make_header(result: Result, encoding: str) -> dict:
         "fov": [fov.x0, fov.y0, fov.x1, fov.y1],
         "polyps_total": len(result.polyps),
         "polyps": [p.as_dict() for p in result.polyps[:MAX_POLYPS]],
+        "valid": result.valid,
+        "gap_ms": round(frame.gap_s * 1000, 1),
     }
 
 
@@ -88,8 +124,8 @@ def dumps(header: dict) -> bytes:
 def loads(data: bytes) -> dict:
     try:
         header = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"header is not JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep, huge ints
+        raise ProtocolError(f"header is not JSON ({type(exc).__name__})") from None
     if not isinstance(header, dict) or header.get("schema") != SCHEMA_VERSION:
         got = header.get("schema") if isinstance(header, dict) else None
         raise ProtocolError(f"schema version {got!r}, this reader understands {SCHEMA_VERSION}")

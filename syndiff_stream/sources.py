@@ -15,10 +15,13 @@ devices, network streams and the rate-limited demo are live (latest frame wins).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -30,6 +33,7 @@ DEVICE_FORMATS = ("v4l2", "avfoundation", "dshow", "gdigrab", "x11grab", "androi
 # Low-latency demuxing for live inputs: no input buffering, no reordering delay.
 LIVE_OPTIONS = {"fflags": "nobuffer", "flags": "low_delay"}
 POLYP_TINT = np.array([1.05, 0.85, 0.85], np.float32)  # lesions read redder than the mucosa
+MAX_BAD_PACKETS = 250  # undecodable packets in a row before a stream counts as unreadable
 
 
 class SourceError(ValueError):
@@ -95,6 +99,10 @@ class AVSource(Source):
             self.container.close()
             raise SourceError(f"{url!r} has no video stream")
         self.stream = self.container.streams.video[0]
+        if self.stream.codec_context is None:  # the container names a codec FFmpeg cannot decode
+            self.container.close()
+            raise SourceError(f"{url!r}: its video codec is not supported by this FFmpeg build")
+        self.skipped = 0  # packets or frames that could not be decoded, skipped and counted
         self.stream.thread_type = "AUTO"  # FFmpeg's frame+slice threads decode ahead of us
         rate = self.stream.average_rate or self.stream.guessed_rate
         self.fps = float(rate) if rate else None
@@ -104,19 +112,117 @@ class AVSource(Source):
         return int(self.stream.frames or 0)
 
     def __iter__(self) -> Iterator[Frame]:
+        """Decode packet by packet, so one damaged packet costs one skipped frame, not the file.
+        Any pixel format (grey, 10-bit, odd sizes) and mid-stream size changes come out as RGB24."""
+        index = 0
+        for images in self._decoded():
+            for image, pts in images:
+                self.clock.wait(index)
+                yield Frame(image, self.source_id, index, pts)
+                index += 1
+        if index == 0 and self.kind == "file":
+            raise SourceError(f"{self.url!r}: no decodable video frames"
+                              + (f" ({self.skipped} damaged packets skipped)" if self.skipped else ""))
+
+    def _decoded(self) -> Iterator[list]:
         import av
 
-        index = 0
-        try:
-            for frame in self.container.decode(self.stream):
-                self.clock.wait(index)
-                yield Frame(frame.to_ndarray(format="rgb24"), self.source_id, index, frame.time)
-                index += 1
-        except av.FFmpegError as exc:
-            raise SourceError(f"{self.url!r}: decoding failed at frame {index}: {exc}") from None
+        failures = 0
+        packets = self.container.demux(self.stream)
+        while True:
+            try:
+                packet = next(packets, None)
+            except (av.FFmpegError, OSError) as exc:
+                raise SourceError(f"{self.url!r}: reading failed after {self.skipped} skipped packets: {exc}") from None
+            if packet is None:
+                return
+            try:  # the final empty packet flushes the decoder
+                images = [(f.to_ndarray(format="rgb24"), f.time) for f in packet.decode()]
+            except (av.FFmpegError, ValueError) as exc:
+                self.skipped += 1
+                failures += 1
+                if failures > MAX_BAD_PACKETS:
+                    raise SourceError(f"{self.url!r}: {failures} packets in a row do not decode ({exc})") from None
+                continue
+            failures = 0 if images else failures
+            yield images
 
     def close(self) -> None:
         self.container.close()
+
+
+class ReconnectingSource(Source):
+    """A live source that comes back after a disconnect (a scope unplugged, a stream restarted).
+
+    When the stream ends or fails, it is reopened with exponential backoff (`backoff` seconds,
+    doubling up to `max_backoff`) until `timeout` seconds have passed without a connection; then
+    iteration ends cleanly (`lost`). Frame indices keep counting across connections, and the first
+    frame after a gap carries the gap's length (`Frame.gap_s`). `state` is "streaming",
+    "reconnecting" or "lost", for status messages."""
+
+    def __init__(self, connect: Callable[[], Source], timeout: float = 30.0, backoff: float = 0.25,
+                 max_backoff: float = 8.0, first: Source | None = None):
+        self.connect, self.timeout, self.backoff, self.max_backoff = connect, timeout, backoff, max_backoff
+        self.current: Source | None = first or connect()
+        self.source_id, self.kind, self.fps = self.current.source_id, self.current.kind, self.current.fps
+        self.default_mode = self.current.default_mode
+        self.state, self.lost, self.last_error = "streaming", False, ""
+        self.reconnects, self.disconnected_s = 0, 0.0
+        self.skipped_before = 0  # undecodable packets of earlier connections
+        self._stop = threading.Event()
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_before + getattr(self.current, "skipped", 0)
+
+    def __iter__(self) -> Iterator[Frame]:
+        index, gap = 0, 0.0
+        while self.current is not None and not self._stop.is_set():
+            try:
+                for frame in self.current:
+                    yield dataclasses.replace(frame, index=index, gap_s=gap)
+                    index, gap = index + 1, 0.0
+                self.last_error = "stream ended"
+            except SourceError as exc:
+                self.last_error = str(exc)
+            self._drop_current()
+            started = time.monotonic()
+            self.state = "reconnecting"
+            self.current = self._reconnect(started)
+            if self.current is None:
+                self.state, self.lost = "lost", not self._stop.is_set()
+                return
+            gap = time.monotonic() - started
+            self.reconnects += 1
+            self.disconnected_s += gap
+            self.state = "streaming"
+
+    def _reconnect(self, started: float) -> Source | None:
+        delay = self.backoff
+        while True:
+            left = self.timeout - (time.monotonic() - started)
+            if left <= 0 or self._stop.wait(min(delay, left)):
+                return None
+            try:
+                return self.connect()
+            except SourceError as exc:
+                self.last_error = str(exc)
+            delay = min(2 * delay, self.max_backoff)
+
+    def _drop_current(self) -> None:
+        if self.current is not None:
+            self.skipped_before += getattr(self.current, "skipped", 0)
+            with contextlib.suppress(Exception):
+                self.current.close()
+            self.current = None
+
+    def interrupt(self) -> None:
+        """Stop waiting to reconnect (called from another thread when the pipeline stops)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._drop_current()
 
 
 # ---- still images --------------------------------------------------------------------------------
@@ -311,8 +417,19 @@ class DemoSource(Source):
 
 def open_source(spec: str | None = None, *, fps: float | None = None, seed: int = 0,
                 size: tuple[int, int] | None = None, realtime: bool | None = None,
-                options: dict | None = None) -> Source:
-    """A source from a CLI-style string (see the module docstring). Errors name the input."""
+                options: dict | None = None, reconnect_timeout: float = 0.0) -> Source:
+    """A source from a CLI-style string (see the module docstring). Errors name the input.
+    `reconnect_timeout` > 0 wraps network streams and devices in a `ReconnectingSource` (the first
+    connection must succeed, so a wrong address is still an immediate error)."""
+    source = _open_source(spec, fps=fps, seed=seed, size=size, realtime=realtime, options=options)
+    if reconnect_timeout > 0 and source.kind in ("network", "device"):
+        return ReconnectingSource(lambda: _open_source(spec, options=options), reconnect_timeout, first=source)
+    return source
+
+
+def _open_source(spec: str | None = None, *, fps: float | None = None, seed: int = 0,
+                 size: tuple[int, int] | None = None, realtime: bool | None = None,
+                 options: dict | None = None) -> Source:
     spec = (spec or "demo").strip()
     if spec == "demo" or spec.startswith("demo:"):
         seed = int(spec.split(":", 1)[1]) if ":" in spec else seed

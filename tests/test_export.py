@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,8 @@ def test_onnx_int8_engine_is_calibrated_on_frames(rt_tiny_segmenter, real_images
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SYNDIFF_TEST_INDUCTOR") != "1",
+                    reason="inductor compiles for ~200 s on two busy cores; set SYNDIFF_TEST_INDUCTOR=1 to run")
 @needs_kvasir
 def test_torch_compile_matches_eager_on_real_images(rt_tiny_segmenter, real_images):
     score, _ = agreement(rt_tiny_segmenter, make_backend("compile", rt_tiny_segmenter), real_images)

@@ -45,6 +45,7 @@ def fit(
     prediction_type: Optional[str] = typer.Option(None, help="epsilon (paper), v_prediction or sample"),
     timestep_sampling: Optional[str] = typer.Option(None, help="uniform (paper) or focused on the inference timestep"),
     inference_timestep: Optional[int] = typer.Option(None),
+    focus_prob: Optional[float] = typer.Option(None, help="focused sampling: share of draws at the inference timestep"),
     freeze_encoder: bool = typer.Option(False, help="ablation: keep the vision encoder at its initial weights"),
     synthetic: Optional[Path] = typer.Option(None, help="folder written by `syndiff-train synth` (training only)"),
     synthetic_count: Optional[int] = typer.Option(None, help="how many accepted synthetic samples to mix in"),
@@ -58,7 +59,7 @@ def fit(
 
     overrides = _overrides(dict(latent_loss_weight=latent_loss_weight, mask_loss_weight=mask_loss_weight,
                                 prediction_type=prediction_type, timestep_sampling=timestep_sampling,
-                                inference_timestep=inference_timestep))
+                                inference_timestep=inference_timestep, focus_prob=focus_prob))
     cfg = FitConfig(data=str(data), out=str(out), preset=preset, model_overrides=overrides,
                     init_vae=str(init_vae) if init_vae else None, init_from=str(init_from) if init_from else None,
                     freeze_encoder=freeze_encoder, steps=steps, batch_size=batch_size, lr=lr,
