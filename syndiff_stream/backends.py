@@ -172,7 +172,10 @@ class OnnxBackend(Backend):
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        try:  # a damaged or foreign file: one clear error (ONNX is protobuf, never unpickled)
+            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        except Exception as exc:  # ORT raises its own pybind types
+            raise BackendError(f"{self.path}: not a loadable ONNX model ({str(exc).splitlines()[0][:200]})") from None
         self.input_name = self.session.get_inputs()[0].name
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:

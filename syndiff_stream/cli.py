@@ -73,6 +73,11 @@ BACKEND_HELP = "eager | compile | onnx | tensorrt | auto (onnx on CPU, tensorrt 
 MODE_HELP = "recorded (lossless, backpressure) | live (latest frame wins, drops counted); default by source kind"
 ENGINE_HELP = "an engine file from `syndiff-stream export` (.onnx, or a TensorRT .ep); overrides --backend"
 PROFILE_HELP = "calibration profile (.json/.yaml): field of view, threshold, smoothing, colour correction"
+REMOTE_HELP = "allow --publish on an address other machines reach (warns; see --curve-secret)"
+CURVE_SECRET_HELP = "encrypt with CURVE: the publisher's .key_secret file from `syndiff-stream keys`"
+CURVE_ALLOW_HELP = "with --curve-secret: accept only clients whose .key files are in this folder"
+RECONNECT_HELP = ("network/device sources: after a disconnect, reconnect with backoff for up to this many "
+                  "seconds, then stop; 0: stop at once")
 
 
 def pick_device(device: str) -> str:
@@ -115,11 +120,12 @@ def build_backend(seg, backend: str, device: str, threads: Optional[int] = None,
         fail(str(exc))
 
 
-def open_input(spec: Optional[str], realtime: Optional[bool] = None, fps: Optional[float] = None, seed: int = 0):
+def open_input(spec: Optional[str], realtime: Optional[bool] = None, fps: Optional[float] = None, seed: int = 0,
+               reconnect_timeout: float = 0.0):
     from .sources import SourceError, open_source
 
     try:
-        return open_source(spec, realtime=realtime, fps=fps, seed=seed)
+        return open_source(spec, realtime=realtime, fps=fps, seed=seed, reconnect_timeout=reconnect_timeout)
     except SourceError as exc:
         fail(str(exc))
 
@@ -144,19 +150,74 @@ def smoothing_config(smooth: bool, threshold: float):
 def stats_line(stats) -> str:
     d = stats.as_dict()
     lat = d["latency_ms"]
+    faults = "".join(f"  {name.replace('_', ' ')} {d[name]}" for name in ("skipped", "invalid", "reconnects")
+                     if d[name])
     return (f"frames {d['frames_out']}/{d['frames']}  e2e {d['e2e_fps']:.1f} fps  model {d['model_fps']:.1f} fps  "
             f"decode {d['decode_fps']:.1f} fps  latency p50 {lat['p50']:.0f} / p99 {lat['p99']:.0f} ms  "
-            f"dropped {d['dropped']}  publish dropped {d['publish_dropped']}")
+            f"dropped {d['dropped']}  publish dropped {d['publish_dropped']}" + faults
+            + (f"  source lost after {d['disconnected_s']:.0f} s disconnected" if d["source_lost"] else ""))
 
 
-def run_pipeline(pipeline, on_progress=None):
-    """Run to the end; a source that fails mid-stream is reported as one line."""
+class StopOnSignal:
+    """SIGINT and SIGTERM ask the running pipeline to stop cleanly (finish the frame in hand,
+    flush and close every output) instead of dying mid-write; a second signal interrupts at once."""
+
+    def __init__(self):
+        self.pipeline, self.signum, self.previous = None, None, {}
+
+    def __enter__(self) -> "StopOnSignal":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None or self.pipeline is None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.pipeline.request_stop()
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum or 2)
+
+
+def run_pipeline(pipeline, on_progress=None, stopper: Optional[StopOnSignal] = None):
+    """Run to the end; a source that fails mid-stream or an output that cannot be written (full
+    disk, no permission) is reported as one line; outputs already finished stay as they were."""
     from .sources import SourceError
 
+    if stopper is not None:
+        stopper.pipeline = pipeline
     try:
         return pipeline.run(on_progress=on_progress, progress_every=0.25)
     except SourceError as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write output: {exc}")
+
+
+def open_sinks(makers) -> list:
+    """Sinks from (name, factory) pairs; one that cannot be created (unwritable folder, port in
+    use) is one line naming it, after closing those already made."""
+    sinks = []
+    for name, make in makers:
+        try:
+            sinks.append(make())
+        except (OSError, ValueError) as exc:
+            for sink in sinks:
+                getattr(sink, "abort", sink.close)()
+            fail(f"{name}: {exc}")
+    return sinks
 
 
 @app.command()
@@ -181,8 +242,16 @@ def run(
     quiet: bool = typer.Option(False, help="no live status line"),
     engine: Optional[Path] = typer.Option(None, help=ENGINE_HELP),
     profile: Optional[Path] = typer.Option(None, help=PROFILE_HELP),
+    allow_remote: bool = typer.Option(False, help=REMOTE_HELP),
+    curve_secret: Optional[Path] = typer.Option(None, help=CURVE_SECRET_HELP),
+    curve_allow: Optional[Path] = typer.Option(None, help=CURVE_ALLOW_HELP),
+    reconnect_timeout: float = typer.Option(30.0, help=RECONNECT_HELP),
 ):
-    """Segment a live or recorded video stream; publish masks over ZeroMQ and/or write files."""
+    """Segment a live or recorded video stream; publish masks over ZeroMQ and/or write files.
+
+    SIGINT/SIGTERM stop it cleanly: every output is flushed and closed, exit status 0."""
+    import warnings
+
     from rich.console import Console
     from rich.live import Live
 
@@ -194,33 +263,38 @@ def run(
     mode_ = check_mode(mode)
     profile_ = read_profile(profile)
     dev = pick_device(device)
+    seg = load_model(model)  # a bad checkpoint fails before the source is even opened
     # Live mode on a file plays it at its own frame rate, as a scope would deliver it.
-    src = open_input(source, fps=fps, realtime=True if mode_ == "live" else None)
+    src = open_input(source, fps=fps, realtime=True if mode_ == "live" else None, reconnect_timeout=reconnect_timeout)
     apply_profile_checks(profile_, src)
-    seg = load_model(model)
     backend_ = build_backend(seg, backend, dev, threads, engine)
-    sinks = []
+    makers = []
     if publish:
-        try:
-            sinks.append(Publisher(publish, encoding=encoding, overlay=publish_overlay))
-        except ValueError as exc:
-            fail(str(exc))
-        if wait_subscribers and not sinks[-1].wait_for_subscribers(wait_subscribers, timeout=60):
-            fail(f"--wait-subscribers {wait_subscribers}: not enough subscribers on {publish} within 60 s")
+        makers.append(("--publish", lambda: Publisher(publish, encoding=encoding, overlay=publish_overlay,
+                                                      allow_remote=allow_remote, curve_secret=curve_secret,
+                                                      curve_allow=curve_allow)))
     if overlay:
-        sinks.append(OverlayVideoSink(overlay, fps=src.fps or 30.0))
+        makers.append(("--overlay", lambda: OverlayVideoSink(overlay, fps=src.fps or 30.0)))
     if masks:
-        sinks.append(MaskFolderSink(masks))
+        makers.append(("--masks", lambda: MaskFolderSink(masks)))
     if jsonl:
-        sinks.append(JsonlSink(jsonl))
+        makers.append(("--jsonl", lambda: JsonlSink(jsonl)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sinks = open_sinks(makers)
+    for w in caught:
+        typer.secho(f"warning: {w.message}", err=True, fg=typer.colors.YELLOW)
+    if publish and wait_subscribers and not sinks[0].wait_for_subscribers(wait_subscribers, timeout=60):
+        fail(f"--wait-subscribers {wait_subscribers}: not enough subscribers on {publish} within 60 s")
     pipeline = Pipeline(src, backend_, sinks, mode=mode_, batch_size=batch, max_frames=max_frames,
                         **profile_stages(profile_, backend_, smooth))
     console.print(pipeline.describe())
-    if quiet:
-        stats = run_pipeline(pipeline)
-    else:
-        with Live(console=console, refresh_per_second=4, transient=True) as live:
-            stats = run_pipeline(pipeline, lambda st: live.update(stats_line(st)))
+    with StopOnSignal() as stopper:
+        if quiet:
+            stats = run_pipeline(pipeline, stopper=stopper)
+        else:
+            with Live(console=console, refresh_per_second=4, transient=True) as live:
+                stats = run_pipeline(pipeline, lambda st: live.update(stats_line(st)), stopper=stopper)
     console.print(stats_line(stats) + ("  (interrupted)" if stats.interrupted else ""))
 
 
@@ -238,6 +312,8 @@ def batch(
 
     Writes <out>/<name>/ with overlay.mp4, masks/, frames.jsonl and summary.json. Finished inputs
     (marked .done) are skipped on a rerun; a folder appears under its final name only when complete.
+    An unreadable input is reported and skipped (exit 2 at the end); SIGINT/SIGTERM stop cleanly
+    (exit 130/143) and a rerun resumes with the unfinished input.
     """
     import json
     import shutil
@@ -247,6 +323,7 @@ def batch(
     from .frames import Mode
     from .pipeline import Pipeline
     from .sinks import JsonlSink, MaskFolderSink, OverlayVideoSink
+    from .sources import SourceError, open_source
 
     for path in inputs:
         if not path.exists():
@@ -258,32 +335,52 @@ def batch(
     dev = pick_device(device)
     seg = load_model(model)
     engine = build_backend(seg, backend, dev)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"--out {out}: {exc}")
+    failed = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  TextColumn("{task.fields[status]}")) as progress:
+                  TextColumn("{task.fields[status]}")) as progress, StopOnSignal() as stopper:
         for path, name in zip(inputs, names):
+            if stopper.signum:  # a signal between two inputs
+                raise typer.Exit(stopper.exit_code)
             final, work = out / name, out / f".{name}.partial"
             if (final / ".done").is_file():
                 progress.add_task(name, total=1, completed=1, status="done earlier, skipped")
                 continue
-            src = open_input(str(path))
-            task = progress.add_task(name, total=len(src) or None, status="")
-            shutil.rmtree(work, ignore_errors=True)
-            sinks = [MaskFolderSink(work / "masks"), JsonlSink(work / "frames.jsonl")]
-            if overlay:
-                sinks.append(OverlayVideoSink(work / "overlay.mp4", fps=src.fps or 30.0))
-            pipeline = Pipeline(src, engine, sinks, mode=Mode.RECORDED,
-                                smoothing=smoothing_config(smooth, seg.config.threshold))
-            stats = run_pipeline(pipeline, lambda st: progress.update(task, completed=st.frames_out))
+            task = progress.add_task(name, total=None, status="")
+            try:  # a broken recording is reported and the batch goes on with the others
+                src = open_source(str(path))
+                progress.update(task, total=len(src) or None)
+                shutil.rmtree(work, ignore_errors=True)
+                makers = [("masks", lambda: MaskFolderSink(work / "masks")),
+                          ("frames.jsonl", lambda: JsonlSink(work / "frames.jsonl"))]
+                if overlay:
+                    makers.append(("overlay.mp4", lambda: OverlayVideoSink(work / "overlay.mp4", fps=src.fps or 30.0)))
+                pipeline = Pipeline(src, engine, open_sinks(makers), mode=Mode.RECORDED,
+                                    smoothing=smoothing_config(smooth, seg.config.threshold))
+                stopper.pipeline = pipeline
+                stats = pipeline.run(lambda st: progress.update(task, completed=st.frames_out), progress_every=0.25)
+            except SourceError as exc:
+                progress.update(task, status="failed")
+                failed.append(str(exc))
+                shutil.rmtree(work, ignore_errors=True)
+                continue
+            except OSError as exc:
+                fail(f"cannot write output: {exc}")
             if stats.interrupted:
-                progress.update(task, status="interrupted")
-                raise typer.Exit(130)
+                progress.update(task, status="interrupted: rerun to resume")
+                raise typer.Exit(stopper.exit_code)
+            # Finished files first, then .done, then one rename: the folder appears complete or not at all.
             (work / "summary.json").write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
             (work / ".done").write_text("")
             shutil.rmtree(final, ignore_errors=True)
             work.rename(final)
             progress.update(task, total=stats.frames_out, completed=stats.frames_out,
                             status=f"{stats.as_dict()['e2e_fps']:.1f} fps -> {final}")
+    if failed:
+        fail(f"{len(failed)} of {len(inputs)} inputs failed: " + "; ".join(failed))
 
 
 @app.command()
@@ -334,15 +431,69 @@ def view(
     out: Optional[Path] = typer.Option(None, help="write the received overlays to this video instead of a window"),
     max_frames: Optional[int] = typer.Option(None, help="stop after this many frames"),
     timeout: float = typer.Option(10.0, help="give up after this many seconds without a message"),
+    curve_secret: Optional[Path] = typer.Option(None, help="CURVE publisher: this client's .key_secret file"),
+    curve_server: Optional[Path] = typer.Option(None, help="CURVE publisher: the server's public .key file"),
 ):
     """Show what a publisher sends: its overlays (or, if it sends none, the masks' outlines)."""
     from .viewer import ViewerError, view_stream
 
     try:
-        n = view_stream(endpoint, out=out, max_frames=max_frames, timeout=timeout)
-    except ViewerError as exc:
+        n = view_stream(endpoint, out=out, max_frames=max_frames, timeout=timeout,
+                        curve_secret=curve_secret, curve_server=curve_server)
+    except (ViewerError, ValueError) as exc:
         fail(str(exc))
     typer.echo(f"{n} frames" + (f" -> {out}" if out else ""))
+
+
+@app.command()
+def keys(
+    out: Path = typer.Option(..., help="folder for the certificate files"),
+    client: List[str] = typer.Option(["client"], help="a client name (repeat for several)"),
+    force: bool = typer.Option(False, help="replace existing keys (every client must then get new ones)"),
+):
+    """Make CURVE key pairs (ZeroMQ certificate files) for an encrypted, authenticated publisher."""
+    from .keys import make_keys
+
+    try:
+        make_keys(out, tuple(client), force=force)
+    except (OSError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(f"publisher: run ... --curve-secret {out / 'server.key_secret'} --curve-allow {out / 'authorized'}")
+    for name in client:
+        typer.echo(f"client {name}: view ... --curve-secret {out / (name + '.key_secret')} "
+                   f"--curve-server {out / 'server.key'}   (give {name}.key_secret to that client only)")
+
+
+@app.command()
+def soak(
+    source: Optional[str] = typer.Argument(None, help="a live source; default: the demo scene at its own frame rate"),
+    minutes: float = typer.Option(30.0, help="how long to run"),
+    sample_every: float = typer.Option(10.0, help="seconds between samples"),
+    model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    device: str = typer.Option("auto", help="cpu | cuda | auto"),
+    fps: Optional[float] = typer.Option(None, help="frame rate of the demo source"),
+    out: Optional[Path] = typer.Option(None, help="also write the JSON report here"),
+):
+    """Soak test: a long live run sampling memory, fps and latency; prints one JSON object."""
+    import json
+
+    from .soak import run_soak
+
+    if minutes <= 0 or sample_every <= 0:
+        fail("--minutes and --sample-every must be > 0")
+    dev = pick_device(device)
+    seg = load_model(model)
+    backend_ = build_backend(seg, backend, dev)
+    src = open_input(source, fps=fps, realtime=True, reconnect_timeout=30.0)
+    with StopOnSignal() as stopper:  # Ctrl-C ends the soak early, with its report
+        report = run_soak(src, backend_, minutes, sample_every, smoothing_config(True, seg.config.threshold),
+                          on_sample=lambda s: typer.secho(json.dumps(s), err=True),
+                          on_start=lambda pipeline: setattr(stopper, "pipeline", pipeline))
+    text = json.dumps(report)
+    if out:
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(text)
 
 
 

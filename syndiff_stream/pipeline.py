@@ -48,6 +48,11 @@ class Stats:
     model_frames: int = 0
     wall_s: float = 0.0  # first frame requested -> last result out
     scene_cuts: int = 0
+    skipped: int = 0  # undecodable packets/frames the source skipped
+    invalid: int = 0  # frames whose model output had NaN/inf: published empty, flagged invalid
+    reconnects: int = 0  # live source reconnections
+    disconnected_s: float = 0.0  # total time a live source was disconnected
+    source_lost: bool = False  # a live source did not come back within its reconnect timeout
     interrupted: bool = False
     source_size: tuple[int, int] | None = None  # (H, W) of the latest frame
     latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
@@ -66,17 +71,26 @@ class Stats:
             "e2e_fps": self._rate(self.frames_out, self.wall_s),
             "latency_ms": {q: round(float(np.percentile(lat, int(q[1:]))), 2) for q in ("p50", "p95", "p99")},
             "dropped": self.dropped, "publish_dropped": self.publish_dropped, "scene_cuts": self.scene_cuts,
+            "skipped": self.skipped, "invalid": self.invalid, "reconnects": self.reconnects,
+            "disconnected_s": round(self.disconnected_s, 3), "source_lost": self.source_lost,
         }
+
+    def state(self) -> dict:
+        """What a heartbeat reports: counters that show a live run is healthy, or why not."""
+        d = self.as_dict()
+        return {k: d[k] for k in ("frames", "frames_out", "dropped", "skipped", "invalid", "reconnects",
+                                  "disconnected_s")}
 
 
 class Pipeline:
     def __init__(self, source: Source, backend: Backend, sinks: Sequence = (), *, mode: Mode | str | None = None,
                  smoothing: SmoothingConfig | None = None, batch_size: int | None = None,
                  buffer_size: int | None = None, max_frames: int | None = None,
-                 preprocess: Preprocessor | None = None):
+                 preprocess: Preprocessor | None = None, heartbeat_every: float = 1.0):
         """`smoothing=None` keeps the model's per-frame masks (prob >= threshold); `batch_size`
         defaults to 4 in recorded mode and 1 in live mode (batching adds latency); `preprocess`
-        replaces the default stage (e.g. a calibration profile's ProfilePreprocessor)."""
+        replaces the default stage (e.g. a calibration profile's ProfilePreprocessor); sinks with a
+        `status(dict)` method (the publisher) get the run's state every `heartbeat_every` seconds."""
         self.mode = Mode(mode) if mode else source.default_mode
         live = self.mode is Mode.LIVE
         self.batch_size = batch_size or (1 if live else 4)
@@ -94,6 +108,8 @@ class Pipeline:
         self.results: queue.Queue = queue.Queue(maxsize=2 * self.batch_size * self.runner.depth)
         self.stats = Stats(mode=self.mode.value)
         self.stop = threading.Event()
+        self.stop_requested = threading.Event()  # set by `request_stop` (signals, soak timer)
+        self.heartbeat_every = heartbeat_every
         self.errors: list[BaseException] = []
         self._last_done = 0.0
 
@@ -173,22 +189,37 @@ class Pipeline:
 
     def _finish(self, item: Prepared, prob: np.ndarray) -> Result:
         frame = item.frame
+        if not np.isfinite(prob).all():
+            # NaN/inf from the model (overflow, a broken engine): never threshold garbage into a
+            # mask. Publish an empty mask flagged invalid, and keep it out of the EMA's memory.
+            self.stats.invalid += 1
+            self.smoother.reset()
+            empty = np.zeros(frame.shape, np.float32)
+            return Result(frame, empty, empty.astype(bool), [], item.fov,
+                          time.time() - frame.capture_time, valid=False)
         prob_src, mask = self.smoother.update(frame.image, prob, item.fov)
         polyps = self.find_polyps(mask, prob_src)
         return Result(frame, prob_src, mask, polyps, item.fov, time.time() - frame.capture_time)
 
     # ---- run ------------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Stop soon and cleanly (safe from a signal handler or another thread): `run` returns
+        with `interrupted` set after closing every output."""
+        self.stop_requested.set()
+        getattr(self.source, "interrupt", lambda: None)()
+
     def run(self, on_progress: Callable[[Stats], None] | None = None, progress_every: float = 0.5) -> Stats:
-        """Process the source to its end (or `max_frames`, or Ctrl-C); close the sinks; return stats.
-        Errors in any stage stop the graph and are re-raised here."""
+        """Process the source to its end (or `max_frames`, Ctrl-C, `request_stop`); close the sinks;
+        return stats. Errors in any stage stop the graph and are re-raised here, and then the file
+        sinks discard their unfinished files instead of finalising them (`abort`)."""
         stats = self.stats
-        start = last_report = time.perf_counter()
+        start = last_report = last_beat = time.perf_counter()
         threads = [threading.Thread(target=self._decode, name="decode", daemon=True),
                    threading.Thread(target=self._infer, name="infer", daemon=True)]
         for t in threads:
             t.start()
         try:
-            while True:
+            while not self.stop_requested.is_set():
                 try:
                     entry = self.results.get(timeout=0.1)
                 except queue.Empty:
@@ -208,6 +239,10 @@ class Pipeline:
                     self._refresh()
                     on_progress(stats)
                     last_report = now
+                if now - last_beat >= self.heartbeat_every:
+                    self._heartbeat()
+                    last_beat = now
+            stats.interrupted = self.stop_requested.is_set()
         except KeyboardInterrupt:
             stats.interrupted = True
         except BaseException as exc:
@@ -215,17 +250,42 @@ class Pipeline:
         finally:
             self.stop.set()
             self.buffer.close()
+            getattr(self.source, "interrupt", lambda: None)()
             for t in threads:
                 t.join(timeout=10)
             self._refresh()
-            for sink in self.sinks:
-                sink.close()
+            with suppress(Exception):  # the last word on the state: "ended" or "lost"
+                self._heartbeat(final=True)
+            self._close_sinks(failed=bool(self.errors))
             self.source.close()
         if self.errors:
             raise self.errors[0]
         return stats
 
+    def _heartbeat(self, final: bool = False) -> None:
+        self._refresh()
+        state = getattr(self.source, "state", "streaming")
+        state = {"state": state if not final or state == "lost" else "ended", "source_id": self.source.source_id,
+                 "time": time.time(), **self.stats.state()}
+        for sink in self.sinks:
+            if hasattr(sink, "status"):
+                sink.status(state)
+
+    def _close_sinks(self, failed: bool) -> None:
+        """Close every sink even when one fails (a full disk must not leave the others open);
+        after a failure, sinks that can discard their unfinished files do so."""
+        for sink in self.sinks:
+            try:
+                (sink.abort if failed and hasattr(sink, "abort") else sink.close)()
+            except Exception as exc:
+                self.errors.append(exc)
+
     def _refresh(self) -> None:
+        source = self.source
+        self.stats.skipped = getattr(source, "skipped", 0)
+        self.stats.reconnects = getattr(source, "reconnects", 0)
+        self.stats.disconnected_s = getattr(source, "disconnected_s", 0.0)
+        self.stats.source_lost = getattr(source, "lost", False)
         self.stats.dropped = self.buffer.dropped
         self.stats.scene_cuts = self.smoother.cuts
         self.stats.publish_dropped = sum(getattr(s, "dropped", 0) for s in self.sinks)

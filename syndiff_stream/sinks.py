@@ -1,12 +1,15 @@
 """File sinks: an overlay video, a folder of mask PNGs, one JSON line per frame.
 
 Each takes `write(result)` and `close()`. Files appear under their final names only when complete
-(written to a temporary name, then renamed), so an interrupted run never leaves a file that looks
-finished but is truncated.
+(written to a temporary name, flushed to disk, then renamed), so an interrupted run never leaves a
+file that looks finished but is truncated. `abort()` (called when the run fails, e.g. a full disk)
+discards the unfinished temporary files: what was already there under the final names stays intact.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from fractions import Fraction
@@ -21,6 +24,20 @@ from .protocol import make_header
 
 def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")
+
+
+def discard(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def fsync(path: Path) -> None:
+    """Data on disk before the rename that publishes it, so a crash cannot expose an empty file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def pick_codec(preferred=("libx264", "h264", "mpeg4")) -> str:
@@ -53,23 +70,36 @@ class VideoWriter:
         self.frames = 0
 
     def write_image(self, image) -> None:
+        """A video stream has one size: the first frame's (cropped to even, for yuv420p). Later
+        frames of another size (the source changed resolution) are scaled to it."""
         import av
 
         if self.frames == 0:
             h, w = image.shape[:2]
-            self.stream.height, self.stream.width = h - h % 2, w - w % 2  # yuv420p needs even sizes
-        image = image[: self.stream.height, : self.stream.width]
+            self.stream.height, self.stream.width = max(h - h % 2, 2), max(w - w % 2, 2)
+        h, w = self.stream.height, self.stream.width
+        if image.shape[0] - h in (0, 1) and image.shape[1] - w in (0, 1):
+            image = image[:h, :w]  # an odd size loses its last row/column
+        else:
+            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
         self.container.mux(self.stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         self.frames += 1
 
     def close(self) -> None:
-        if self.frames:
-            self.container.mux(self.stream.encode(None))
-        self.container.close()
-        if self.frames:
-            self.tmp.replace(self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+        try:
+            if self.frames:
+                self.container.mux(self.stream.encode(None))
+            self.container.close()
+            if self.frames:
+                fsync(self.tmp)
+                self.tmp.replace(self.path)
+        finally:
+            discard(self.tmp)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.container.close()
+        discard(self.tmp)
 
 
 class OverlayVideoSink(VideoWriter):
@@ -89,8 +119,12 @@ class MaskFolderSink:
     def write(self, result: Result) -> None:
         path = self.folder / f"{result.frame.index:06d}.png"
         tmp = temp_path(path)
-        cv2.imwrite(str(tmp), result.mask.astype("uint8") * 255)
-        tmp.replace(path)
+        try:  # OpenCV reports a failed write (full disk, no permission) as False, not an exception
+            if not cv2.imwrite(str(tmp), result.mask.astype("uint8") * 255):
+                raise OSError(errno.EIO, "could not write mask PNG", str(path))
+            tmp.replace(path)
+        finally:
+            discard(tmp)
 
     def close(self) -> None:
         pass
@@ -110,5 +144,15 @@ class JsonlSink:
         self.file.write(json.dumps(header, separators=(",", ":")) + "\n")
 
     def close(self) -> None:
-        self.file.close()
-        self.tmp.replace(self.path)
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.tmp.replace(self.path)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        discard(self.tmp)

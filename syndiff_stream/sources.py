@@ -158,12 +158,12 @@ class ReconnectingSource(Source):
     doubling up to `max_backoff`) until `timeout` seconds have passed without a connection; then
     iteration ends cleanly (`lost`). Frame indices keep counting across connections, and the first
     frame after a gap carries the gap's length (`Frame.gap_s`). `state` is "streaming",
-    "reconnecting" or "lost", for status messages."""
+    "reconnecting", "lost" or (stopped from outside) "ended", for status messages."""
 
     def __init__(self, connect: Callable[[], Source], timeout: float = 30.0, backoff: float = 0.25,
                  max_backoff: float = 8.0, first: Source | None = None):
         self.connect, self.timeout, self.backoff, self.max_backoff = connect, timeout, backoff, max_backoff
-        self.current: Source | None = first or connect()
+        self.current: Source | None = first if first is not None else connect()
         self.source_id, self.kind, self.fps = self.current.source_id, self.current.kind, self.current.fps
         self.default_mode = self.current.default_mode
         self.state, self.lost, self.last_error = "streaming", False, ""
@@ -190,7 +190,8 @@ class ReconnectingSource(Source):
             self.state = "reconnecting"
             self.current = self._reconnect(started)
             if self.current is None:
-                self.state, self.lost = "lost", not self._stop.is_set()
+                self.lost = not self._stop.is_set()
+                self.state = "lost" if self.lost else "ended"
                 return
             gap = time.monotonic() - started
             self.reconnects += 1

@@ -56,8 +56,10 @@ def paired(messages):
         yield pending
 
 
-def view_stream(endpoint: str, out: Path | None = None, max_frames: int | None = None, timeout: float = 10.0) -> int:
-    """Show or record frames until the stream ends, `max_frames`, or `timeout` s of silence."""
+def view_stream(endpoint: str, out: Path | None = None, max_frames: int | None = None, timeout: float = 10.0,
+                curve_secret: Path | None = None, curve_server: Path | None = None) -> int:
+    """Show or record frames until the stream ends, `max_frames`, or `timeout` s of silence.
+    `curve_secret`/`curve_server`: this client's and the publisher's certificates (CURVE)."""
     from .sinks import VideoWriter
 
     if out is None and not has_display():
@@ -65,7 +67,7 @@ def view_stream(endpoint: str, out: Path | None = None, max_frames: int | None =
     writer = VideoWriter(out) if out is not None else None
     n = 0
     try:
-        with Subscriber(endpoint, masks=True, overlay=True) as sub:
+        with Subscriber(endpoint, masks=True, overlay=True, curve_secret=curve_secret, curve_server=curve_server) as sub:
             for msg in paired(sub.messages(timeout)):
                 image = draw(msg)
                 if writer is not None:
