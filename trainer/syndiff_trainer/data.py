@@ -118,8 +118,12 @@ def apply_split(ds: ArrayDataset, split: dict[str, list[str]]) -> tuple[ArrayDat
 
 # ---- augmentation --------------------------------------------------------------------------
 
-def build_augmenter(strength: str = "standard"):
-    """Geometric + photometric augmentation (albumentations), or None for `none`."""
+def build_augmenter(strength: str = "standard", seed: int | None = None):
+    """Geometric + photometric augmentation (albumentations), or None for `none`.
+
+    Noise is kept at scope-sensor level (2-6 % std): albumentations' default GaussNoise (20-44 %)
+    drowns the mucosal texture the encoder has to learn from.
+    """
     if strength == "none":
         return None
     import albumentations as A
@@ -132,8 +136,8 @@ def build_augmenter(strength: str = "standard"):
         A.Affine(scale=(0.75, 1.3), translate_percent=(-0.1, 0.1), rotate=(-30, 30), shear=(-5, 5),
                  border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.8),
         A.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.2, hue=0.03, p=0.8),
-        A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=5), A.GaussNoise()], p=0.25),
-    ])
+        A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=5), A.GaussNoise(std_range=(0.02, 0.06))], p=0.25),
+    ], seed=seed)
 
 
 class BatchSampler:
