@@ -393,6 +393,9 @@ def bench(
     mode: Optional[str] = typer.Option(None, help=MODE_HELP),
     batch: Optional[int] = typer.Option(None, help="frames per inference batch"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference"),
+    source_fps: Optional[float] = typer.Option(None, help="pace the source at this rate, like a live scope "
+                                               "(e.g. 100 with --mode live: fed faster than the model keeps up); "
+                                               "default: unpaced"),
     compare_steps: int = typer.Option(0, help="also time T-step DDIM on the same frames (e.g. 50)"),
     compare_frames: int = typer.Option(3, help="frames for the T-step comparison"),
     smoothing: bool = typer.Option(False, help="also report Dice and flicker with and without smoothing (needs true masks)"),
@@ -406,12 +409,14 @@ def bench(
 
     if frames < 1:
         fail("--frames must be >= 1")
+    if source_fps is not None and source_fps <= 0:
+        fail(f"--source-fps must be > 0, got {source_fps}")
     mode_ = check_mode(mode)
     dev = pick_device(device)
     seg = load_model(model)
     backend_ = build_backend(seg, backend, dev, threads, engine)
     try:
-        report = run_benchmark(seg, backend_, lambda: open_input(source, realtime=False), frames=frames, mode=mode_, batch_size=batch,
+        report = run_benchmark(seg, backend_, lambda: open_input(source, realtime=source_fps is not None, fps=source_fps), frames=frames, mode=mode_, batch_size=batch,
                                compare_steps=compare_steps, compare_frames=compare_frames,
                                smoothing=smoothing_config(True, seg.config.threshold) if smoothing else None)
     except ValueError as exc:

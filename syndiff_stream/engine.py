@@ -9,6 +9,7 @@ consecutive batches on three CUDA streams with pinned, double-buffered host memo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,16 +65,26 @@ class Done:
 
 
 class HostRunner:
-    """CPU path: stack the prepared inputs, infer, return numpy."""
+    """CPU path: stack the prepared inputs, infer, return numpy.
 
-    depth = 1  # batches in flight
+    A backend with `workers` > 1 (ONNX Runtime: one single-threaded session call per core) gets a
+    thread pool and that many batches in flight; the pipeline still collects them in order."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
+        self.depth = max(1, backend.workers)  # batches in flight
+        self.pool = ThreadPoolExecutor(self.depth, thread_name_prefix="infer") if self.depth > 1 else None
 
-    def submit(self, items: Sequence[Prepared]) -> Done:
+    def _run(self, x: torch.Tensor) -> np.ndarray:
+        return self.backend.infer(x.to(self.backend.device))[:, 0].cpu().numpy()
+
+    def submit(self, items: Sequence[Prepared]) -> Done | Future:
         x = torch.from_numpy(np.stack([item.x for item in items]))
-        return Done(self.backend.infer(x.to(self.backend.device))[:, 0].cpu().numpy())
+        return self.pool.submit(self._run, x) if self.pool else Done(self._run(x))
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class CudaPending:
@@ -140,6 +151,9 @@ class CudaRunner:
             done = torch.cuda.Event()
             done.record(self.download)
         return CudaPending(done, host_out)
+
+    def close(self) -> None:
+        pass
 
 
 def make_runner(backend: Backend) -> HostRunner | CudaRunner:

@@ -3,7 +3,8 @@
     source -> preprocess -> [frame buffer: recorded | live] -> backend -> smoother -> polyps -> sinks
 
 Three threads overlap the work: decode (source + CPU preprocessing), inference (batches from the
-buffer through the backend; on CUDA, two batches in flight on separate streams), and the calling
+buffer through the backend; on CUDA, two batches in flight on separate streams; on CPU with ONNX
+Runtime in recorded mode, one single-threaded batch per core), and the calling
 thread (smoothing, postprocessing, sinks and the publisher). The frame buffer is the only place
 frames are dropped, by the named policy of the mode; the queue after inference always applies
 backpressure, so a slow sink slows inference down instead of losing results silently.
@@ -56,20 +57,27 @@ class Stats:
     interrupted: bool = False
     source_size: tuple[int, int] | None = None  # (H, W) of the latest frame
     latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
+    # per inference call, submit -> result: what one frame (batch) costs the model, in flight
+    model_latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
 
     @staticmethod
     def _rate(n: int, seconds: float) -> float:
         return round(n / seconds, 2) if seconds > 0 else 0.0
 
+    @staticmethod
+    def _percentiles(seconds: deque) -> dict:
+        ms = np.asarray(seconds) * 1000 if seconds else np.zeros(1)
+        return {q: round(float(np.percentile(ms, int(q[1:]))), 2) for q in ("p50", "p95", "p99")}
+
     def as_dict(self) -> dict:
-        lat = np.asarray(self.latencies) * 1000 if self.latencies else np.zeros(1)
         return {
             "mode": self.mode, "source_size": list(self.source_size or ()), "frames": self.frames_in, "frames_out": self.frames_out,
             "decode_fps": self._rate(self.frames_in, self.decode_s),
             "preprocess_fps": self._rate(self.frames_in, self.preprocess_s),
             "model_fps": self._rate(self.model_frames, self.model_s),
             "e2e_fps": self._rate(self.frames_out, self.wall_s),
-            "latency_ms": {q: round(float(np.percentile(lat, int(q[1:]))), 2) for q in ("p50", "p95", "p99")},
+            "latency_ms": self._percentiles(self.latencies),
+            "model_call_ms": self._percentiles(self.model_latencies),
             "dropped": self.dropped, "publish_dropped": self.publish_dropped, "scene_cuts": self.scene_cuts,
             "skipped": self.skipped, "invalid": self.invalid, "reconnects": self.reconnects,
             "disconnected_s": round(self.disconnected_s, 3), "source_lost": self.source_lost,
@@ -99,6 +107,9 @@ class Pipeline:
         self.source = source
         self.preprocess = preprocess or Preprocessor(backend.input_size, on_device=backend.device.type == "cuda")
         self.buffer = FrameBuffer(buffer_size or (1 if live else 2 * self.batch_size), self.mode)
+        # Recorded: as many batches in flight as the backend runs well at once (throughput).
+        # Live: one frame at a time on every thread (the newest frame, soonest).
+        backend.configure(1 if live else backend.max_workers)
         self.runner = make_runner(backend)
         self.smoother = Smoother(smoothing or SmoothingConfig.off(backend.seg.config.threshold))
         self.find_polyps = find_polyps
@@ -182,6 +193,7 @@ class Pipeline:
         now = time.perf_counter()
         # Busy time of the inference stage: with batches overlapping on CUDA, count each second once.
         self.stats.model_s += now - max(t0, self._last_done)
+        self.stats.model_latencies.append(now - t0)
         self._last_done = now
         self.stats.model_frames += len(items)
         for item, p in zip(items, prob):
@@ -253,6 +265,7 @@ class Pipeline:
             getattr(self.source, "interrupt", lambda: None)()
             for t in threads:
                 t.join(timeout=10)
+            self.runner.close()
             self._refresh()
             with suppress(Exception):  # the last word on the state: "ended" or "lost"
                 self._heartbeat(final=True)

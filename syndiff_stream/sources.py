@@ -84,7 +84,8 @@ class AVSource(Source):
     """Anything FFmpeg opens. `fmt` selects a device demuxer (v4l2, avfoundation, dshow...)."""
 
     def __init__(self, url: str, fmt: str | None = None, kind: str = "file", options: dict | None = None,
-                 source_id: str | None = None, realtime: bool = False):
+                 source_id: str | None = None, realtime: bool = False, pace_fps: float | None = None):
+        """`realtime` plays a file at its own frame rate, or at `pace_fps` (a scope of that rate)."""
         import av
 
         self.url, self.kind = url, kind
@@ -106,7 +107,7 @@ class AVSource(Source):
         self.stream.thread_type = "AUTO"  # FFmpeg's frame+slice threads decode ahead of us
         rate = self.stream.average_rate or self.stream.guessed_rate
         self.fps = float(rate) if rate else None
-        self.clock = PacedClock(self.fps if realtime else None)
+        self.clock = PacedClock((pace_fps or self.fps) if realtime else None)
 
     def __len__(self) -> int:
         return int(self.stream.frames or 0)
@@ -451,4 +452,4 @@ def _open_source(spec: str | None = None, *, fps: float | None = None, seed: int
         return ImageFolderSource(path, fps=fps or 30.0)
     if not path.exists():
         raise SourceError(f"source {spec!r}: no such file or folder (or use demo, pseudo:FOLDER, a URL or a device)")
-    return AVSource(str(path), kind="file", options=options, realtime=bool(realtime))
+    return AVSource(str(path), kind="file", options=options, realtime=bool(realtime), pace_fps=fps)

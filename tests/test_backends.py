@@ -119,3 +119,14 @@ def test_cuda_runner_matches_eager_cpu(rt_tiny_segmenter):
     prob = np.concatenate([first.result(), second.result()])
     cpu = rt_tiny_segmenter.predict_proba(torch.from_numpy(np.stack([prepare(f.image, 64)[0] for f in frames])))
     assert dice(prob >= 0.5, cpu[:, 0].numpy() >= 0.5) >= 0.95
+
+
+def test_onnx_splits_threads_into_parallel_workers(rt_tiny_segmenter, demo_inputs, tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNDIFF_CACHE", str(tmp_path))
+    ort = OnnxBackend(rt_tiny_segmenter, threads=2, dynamo=False)
+    threads = lambda: ort.session.get_session_options().intra_op_num_threads  # noqa: E731
+    assert ort.max_workers == ort.workers == 2 and threads() == 1  # recorded: a 1-thread call per core
+    expected = ort.infer(demo_inputs)
+    assert ort.configure(1) == 1 and threads() == 2  # live: one call on both threads
+    assert torch.allclose(ort.infer(demo_inputs), expected, atol=1e-5)
+    assert ort.configure(8) == 2  # never more workers than threads

@@ -104,3 +104,45 @@ def test_a_failing_stage_stops_the_graph_and_is_raised(rt_tiny_segmenter, source
         Pipeline(source, make_backend("eager", rt_tiny_segmenter), sinks).run()
     time.sleep(0.2)
     assert not [t for t in threading.enumerate() if t.name in ("decode", "infer")]
+
+
+class ParallelSlowBackend(SlowBackend):
+    """Two calls at once, each 30 ms per frame (sleep releases the GIL, like an ORT session);
+    counts how many calls were ever inside `infer` together."""
+
+    max_workers = 2
+
+    def __init__(self, seg):
+        super().__init__(seg)
+        self.inside, self.most_inside, self.lock = 0, 0, threading.Lock()
+
+    def configure(self, workers):
+        self.workers = min(workers, self.max_workers)
+        return self.workers
+
+    def infer(self, batch):
+        with self.lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        try:
+            return super().infer(batch)
+        finally:
+            with self.lock:
+                self.inside -= 1
+
+
+def test_recorded_mode_keeps_one_batch_per_worker_in_flight_and_order(rt_tiny_segmenter):
+    frames = 16
+    backend = ParallelSlowBackend(rt_tiny_segmenter)
+    pipeline = Pipeline(DemoSource(size=(72, 90), realtime=False, frames=frames), backend, mode=Mode.RECORDED,
+                        batch_size=2)
+    assert pipeline.runner.depth == 2
+    order = []
+    pipeline.sinks.append(type("Sink", (), {"write": lambda self, r: order.append(r.frame.index),
+                                            "close": lambda self: None})())
+    stats = pipeline.run()
+    assert order == list(range(frames)) and stats.dropped == 0  # in order, though computed two at a time
+    assert backend.most_inside == 2
+    # live mode asks for one call at a time: the newest frame, on every thread
+    Pipeline(DemoSource(size=(72, 90), realtime=False, frames=2), backend, mode=Mode.LIVE)
+    assert backend.workers == 1
