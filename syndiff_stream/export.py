@@ -148,6 +148,7 @@ def _export_onnx(seg: Segmenter, out: Path, precision: str, images, exporter: st
             onnx.save(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(out))
         elif precision == "int8":
             from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+            from onnxruntime.quantization.shape_inference import quant_pre_process
 
             class Frames(CalibrationDataReader):
                 def __init__(self):
@@ -157,12 +158,36 @@ def _export_onnx(seg: Segmenter, out: Path, precision: str, images, exporter: st
                     x = next(self.batches, None)
                     return None if x is None else {"image": x.numpy()}
 
-            quantize_static(str(fp32), str(out), Frames(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+            # Shape inference and graph clean-up first (ORT's recommended pre-processing), and only
+            # convolutions quantised: per-channel quantisation of the dynamo graph's fused linear
+            # biases writes an Add that ORT then refuses to load.
+            pre = out.with_name(f".{out.name}.pre.onnx")
+            try:
+                quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+                quantize_static(str(pre), str(out), Frames(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                op_types_to_quantize=["Conv"])
+            finally:
+                pre.unlink(missing_ok=True)
+        check_loadable(out)
+    except Exception:
+        out.unlink(missing_ok=True)  # nothing half-made under the final name
+        raise
     finally:
         if fp32 != out:
             fp32.unlink(missing_ok=True)
     return used
+
+
+def check_loadable(path: Path) -> None:
+    """An engine that ONNX Runtime cannot open is an export failure, not a surprise at run time."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own pybind types
+        raise BackendError(f"{path}: the exported model does not load in ONNX Runtime "
+                           f"({str(exc).splitlines()[0][:200]})") from None
 
 
 def _trt():
