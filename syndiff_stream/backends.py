@@ -178,7 +178,7 @@ class OnnxBackend(Backend):
         self.threads = threads or max(1, os.cpu_count() or 1)
         self.max_workers = self.threads if self.device.type == "cpu" else 1
         self.session = None
-        self.configure(workers or self.max_workers)
+        self.configure(workers or 1)  # a caller that runs one call at a time gets every thread
 
     def configure(self, workers: int) -> int:
         """Split the threads into `workers` single-session callers (CPU); returns the workers set."""

@@ -129,7 +129,8 @@ class Pipeline:
         smooth = "off" if cfg.alpha >= 1 and cfg.low == cfg.high else f"ema {cfg.alpha}, hysteresis {cfg.high}/{cfg.low}"
         sinks = ", ".join(type(s).__name__ for s in self.sinks) or "none"
         return (f"{self.source.source_id} -> preprocess {self.backend.input_size}px -> {self.mode.value} buffer "
-                f"({self.buffer.capacity}) -> {self.backend.name} on {self.backend.device} (batch {self.batch_size}) "
+                f"({self.buffer.capacity}) -> {self.backend.name} on {self.backend.device} (batch {self.batch_size}"
+                f"{f' x {self.runner.depth} in flight' if self.runner.depth > 1 else ''}) "
                 f"-> smoothing {smooth} -> polyps -> {sinks}")
 
     # ---- stage loops ----------------------------------------------------------------------------

@@ -125,8 +125,8 @@ def test_onnx_splits_threads_into_parallel_workers(rt_tiny_segmenter, demo_input
     monkeypatch.setenv("SYNDIFF_CACHE", str(tmp_path))
     ort = OnnxBackend(rt_tiny_segmenter, threads=2, dynamo=False)
     threads = lambda: ort.session.get_session_options().intra_op_num_threads  # noqa: E731
-    assert ort.max_workers == ort.workers == 2 and threads() == 1  # recorded: a 1-thread call per core
+    assert ort.max_workers == 2 and ort.workers == 1 and threads() == 2  # one call at a time: both threads
     expected = ort.infer(demo_inputs)
-    assert ort.configure(1) == 1 and threads() == 2  # live: one call on both threads
+    assert ort.configure(2) == 2 and threads() == 1  # recorded pipeline: a 1-thread call per core
     assert torch.allclose(ort.infer(demo_inputs), expected, atol=1e-5)
     assert ort.configure(8) == 2  # never more workers than threads
