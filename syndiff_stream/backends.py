@@ -154,6 +154,17 @@ def export_onnx(seg: Segmenter, path: str | Path, dynamo: bool | None = None) ->
     raise BackendError("ONNX export failed; " + " | ".join(errors))
 
 
+def ort_session(path: str | Path, options=None, providers=("CPUExecutionProvider",),
+                problem: str = "not a loadable ONNX model"):
+    """An ONNX Runtime session, or one clear error naming the file (ONNX is protobuf, never unpickled)."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers))
+    except Exception as exc:  # ORT raises its own pybind types
+        raise BackendError(f"{path}: {problem} ({str(exc).splitlines()[0][:200]})") from None
+
+
 class OnnxBackend(Backend):
     """ONNX Runtime, the fast CPU path.
 
@@ -197,10 +208,7 @@ class OnnxBackend(Backend):
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        try:  # a damaged or foreign file: one clear error (ONNX is protobuf, never unpickled)
-            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
-        except Exception as exc:  # ORT raises its own pybind types
-            raise BackendError(f"{self.path}: not a loadable ONNX model ({str(exc).splitlines()[0][:200]})") from None
+        self.session = ort_session(self.path, opts, providers)
         self.input_name = self.session.get_inputs()[0].name
         self.workers = workers
         return workers

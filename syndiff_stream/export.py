@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends import Backend, BackendError, OnnxBackend, SingleStep, TensorRTBackend, export_onnx, model_hash
+from .backends import Backend, BackendError, OnnxBackend, SingleStep, TensorRTBackend, export_onnx, model_hash, ort_session
 from .model import Segmenter
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -181,13 +181,7 @@ def _export_onnx(seg: Segmenter, out: Path, precision: str, images, exporter: st
 
 def check_loadable(path: Path) -> None:
     """An engine that ONNX Runtime cannot open is an export failure, not a surprise at run time."""
-    import onnxruntime as ort
-
-    try:
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own pybind types
-        raise BackendError(f"{path}: the exported model does not load in ONNX Runtime "
-                           f"({str(exc).splitlines()[0][:200]})") from None
+    ort_session(path, problem="the exported model does not load in ONNX Runtime")
 
 
 def _trt():
