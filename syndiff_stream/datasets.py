@@ -60,7 +60,7 @@ def read_mask(path: str | Path) -> np.ndarray:
             if data.dtype == np.uint16 else (data > 0.5).astype(np.uint8) * 255
     if data.ndim == 3:
         data = data[..., :3].max(axis=2)
-    elif data.max() == 1:  # 0/1 label maps
+    if data.max() == 1:  # 0/1 label maps, single- or three-channel
         data = data * 255
     return data > MASK_THRESHOLD
 
@@ -92,7 +92,8 @@ def pair_folders(image_dir: Path, mask_dir: Path | None, skip_unpaired: bool = F
     if unpaired and not skip_unpaired:
         example = images.get(unpaired[0]) or masks[unpaired[0]]
         raise DatasetError(f"{len(unpaired)} unpaired file(s), e.g. {example}; "
-                           "pass skip_unpaired (--skip-unpaired) to leave them out")
+                           "leave them out with skip_unpaired = true on the recipe's data source "
+                           "(or --skip-unpaired for eval and predict)")
     return [Pair(images[s], masks[s]) for s in sorted(set(images) & set(masks))]
 
 

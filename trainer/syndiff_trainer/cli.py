@@ -50,12 +50,12 @@ def _run(fn, *args, **kwargs):
 
 @app.command()
 def fit(
-    recipe: Optional[str] = typer.Option(None, help=RECIPE_HELP),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    out: Path = typer.Option(..., help="run folder: recipe, manifest, split, log, state, last/ and model/"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (recorded: float sums depend on it)"),
-    stop_at: Optional[int] = typer.Option(None, help="stop after this stage-2 step; run again to resume"),
+    recipe: Optional[str] = typer.Option(None, metavar="RECIPE", help=RECIPE_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    out: Path = typer.Option(..., metavar="DIR", help="run folder: recipe, manifest, split, log, state, last/ and model/"),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda[:N]"),
+    threads: Optional[int] = typer.Option(None, metavar="N", help="CPU threads for torch (recorded: float sums depend on it)"),
+    stop_at: Optional[int] = typer.Option(None, metavar="N", help="stop after this stage-2 step; run again to resume"),
     progress: bool = typer.Option(True, help="show progress bars"),
 ):
     """Train a recipe (stage 1 mask autoencoder, stage 2 encoder + U-Net); resumes if OUT has state.
@@ -72,10 +72,10 @@ def fit(
 @app.command()
 def reproduce(
     checkpoint: Path = typer.Argument(..., help="a checkpoint folder with recipe.toml, manifest.json and log.jsonl"),
-    out: Path = typer.Option(..., help="run folder for the rerun"),
-    stop_at: Optional[int] = typer.Option(None, help="spot check: stop at this step and compare the digest logged there"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
-    threads: Optional[int] = typer.Option(None, help="default: the thread count the checkpoint recorded"),
+    out: Path = typer.Option(..., metavar="DIR", help="run folder for the rerun"),
+    stop_at: Optional[int] = typer.Option(None, metavar="N", help="spot check: stop at this step and compare the digest logged there"),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda[:N]"),
+    threads: Optional[int] = typer.Option(None, metavar="N", help="default: the thread count the checkpoint recorded"),
     progress: bool = typer.Option(True, help="show progress bars"),
 ):
     """Rerun a checkpoint's recorded recipe on its recorded data and compare the weights."""
@@ -91,10 +91,10 @@ def reproduce(
 
 @app.command()
 def groups(
-    recipe: Optional[str] = typer.Option(None, help=RECIPE_HELP),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    sheet: Optional[Path] = typer.Option(None, help="write a PNG contact sheet of the multi-image groups here"),
-    limit: int = typer.Option(40, help="groups on the contact sheet"),
+    recipe: Optional[str] = typer.Option(None, metavar="RECIPE", help=RECIPE_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    sheet: Optional[Path] = typer.Option(None, metavar="PNG", help="write a PNG contact sheet of the multi-image groups here"),
+    limit: int = typer.Option(40, metavar="N", help="groups on the contact sheet"),
 ):
     """Show how the recipe's data is grouped (sequences, near-copy clusters) so a person can check it."""
     from .data import load_sources
@@ -121,7 +121,7 @@ def _load_model(path: Optional[Path]):
 
 
 def _eval_data(data: List[str], model_dir: Path, split_file: Optional[Path], split: str, subset: Optional[str],
-               limit: Optional[int], size: int, warn) -> "object":
+               limit: Optional[int], size: int, warn, skip_unpaired: bool = False) -> "object":
     """Sources named NAME=PATH (or PATH: named as the checkpoint's manifest names that folder, else by
     folder name), cut to one side of the checkpoint's recorded split (or --split-file)."""
     from syndiff_stream.datasets import DatasetError
@@ -144,7 +144,7 @@ def _eval_data(data: List[str], model_dir: Path, split_file: Optional[Path], spl
                 path, name = item, manifest_names.get(str(Path(item).resolve()), Path(item).name)
             if not Path(path).is_dir():
                 raise DatasetError(f"--data {path}: folder does not exist")
-            ds = load_dataset(path, size, subset=subset, progress=False)
+            ds = load_dataset(path, size, subset=subset, progress=False, skip_unreadable=skip_unpaired)
             how = grouping.get(name) or ("sequences" if (Path(path) / "sequences.csv").is_file() else "phash")
             ds.groups = group_ids(ds, how, Path(path), threshold)
             parts.append(ds.prefixed(name))
@@ -154,6 +154,10 @@ def _eval_data(data: List[str], model_dir: Path, split_file: Optional[Path], spl
         split_path = split_file or (recorded if recorded.is_file() and split != "all" else None)
         if split_path is not None and split != "all":
             chosen = json.loads(Path(split_path).read_text())
+            names = sorted(set(ds.sources))
+            if len(names) == 1:  # split files from before sources had names hold bare stems
+                for side in ("train", "select", "val"):
+                    chosen[side] = [s if "/" in s else f"{names[0]}/{s}" for s in chosen.get(side, [])]
             known = set(ds.stems)
             for side in ("train", "select", "val"):
                 chosen[side] = [s for s in chosen.get(side, []) if s in known]
@@ -172,18 +176,20 @@ def _eval_data(data: List[str], model_dir: Path, split_file: Optional[Path], spl
 
 @app.command("eval")
 def eval_(
-    data: List[str] = typer.Option(..., help=DATA_HELP + "; repeat for several sources, NAME=PATH to name one"),
-    model: Optional[Path] = typer.Option(None, help="checkpoint folder; default: the shipped model"),
-    split_file: Optional[Path] = typer.Option(None, help="JSON with train / select / val stem lists; default: "
+    data: List[str] = typer.Option(..., metavar="PATH", help=DATA_HELP + "; repeat for several sources, NAME=PATH to name one"),
+    model: Optional[Path] = typer.Option(None, metavar="DIR", help="checkpoint folder; default: the shipped model"),
+    split_file: Optional[Path] = typer.Option(None, metavar="PATH", help="JSON with train / select / val stem lists; default: "
                                                          "the checkpoint's own split.json"),
-    split: str = typer.Option("val", help="which side to score: val, select, train or all"),
-    subset: Optional[str] = typer.Option(None, help="PraNet layout: the TestDataset/<name> to score"),
-    steps: int = typer.Option(1, help="1 = single step; T > 1 = DDIM with T U-Net passes"),
-    timestep: Optional[int] = typer.Option(None, help="single-step inference timestep (default: the model's)"),
-    limit: Optional[int] = typer.Option(None, help="score only the first N images"),
+    split: str = typer.Option("val", metavar="SIDE", help="which side to score: val, select, train or all"),
+    subset: Optional[str] = typer.Option(None, metavar="TEXT", help="PraNet layout: the TestDataset/<name> to score"),
+    steps: int = typer.Option(1, metavar="N", help="1 = single step; T > 1 = DDIM with T U-Net passes"),
+    timestep: Optional[int] = typer.Option(None, metavar="N", help="single-step inference timestep (default: the model's)"),
+    limit: Optional[int] = typer.Option(None, metavar="N", help="score only the first N images"),
+    skip_unpaired: bool = typer.Option(False, "--skip-unpaired", help="leave out images without a mask and "
+                                                                     "unreadable files (reported)"),
     per_image: bool = typer.Option(False, help="add per-image rows"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
+    threads: Optional[int] = typer.Option(None, metavar="N", help="CPU threads for torch"),
 ):
     """Score a checkpoint: Dice and IoU with 95 % bootstrap CIs, HD95, NSD; a row per source."""
     import torch
@@ -199,7 +205,7 @@ def eval_(
     seg = _load_model(model)
     warn = lambda msg: typer.secho(f"warning: {msg}", err=True, fg=typer.colors.YELLOW)  # noqa: E731
     ds = _eval_data(data, model or default_checkpoint_path(), split_file, split, subset, limit,
-                    seg.config.image_size, warn)
+                    seg.config.image_size, warn, skip_unpaired)
     result = evaluate(seg, ds, steps=steps, timestep=timestep, per_image=per_image)
     if as_json:
         typer.echo(json.dumps(result))
@@ -211,12 +217,12 @@ def eval_(
 
 @app.command()
 def kfold(
-    recipe: Optional[str] = typer.Option(None, help=RECIPE_HELP),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    out: Path = typer.Option(..., help="folder: one run per fold, results.json and table.md"),
-    folds: int = typer.Option(5, help="number of folds; whole groups per fold, balanced within each source"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
+    recipe: Optional[str] = typer.Option(None, metavar="RECIPE", help=RECIPE_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    out: Path = typer.Option(..., metavar="DIR", help="folder: one run per fold, results.json and table.md"),
+    folds: int = typer.Option(5, metavar="N", help="number of folds; whole groups per fold, balanced within each source"),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda[:N]"),
+    threads: Optional[int] = typer.Option(None, metavar="N", help="CPU threads for torch"),
     progress: bool = typer.Option(True, help="show progress bars"),
 ):
     """Grouped k-fold cross-validation of a recipe: the last checkpoint of each fold scores its fold."""
@@ -229,11 +235,11 @@ def kfold(
 
 @app.command("cross-centre")
 def cross_centre(
-    recipe: Optional[str] = typer.Option(None, help=RECIPE_HELP),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    out: Path = typer.Option(..., help="folder: one run per held-out source, results.json and table.md"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
+    recipe: Optional[str] = typer.Option(None, metavar="RECIPE", help=RECIPE_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    out: Path = typer.Option(..., metavar="DIR", help="folder: one run per held-out source, results.json and table.md"),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda[:N]"),
+    threads: Optional[int] = typer.Option(None, metavar="N", help="CPU threads for torch"),
     progress: bool = typer.Option(True, help="show progress bars"),
 ):
     """Leave one source out, in turn: train on the others, score the whole held-out source."""
@@ -246,27 +252,27 @@ def cross_centre(
 
 @app.command()
 def synth(
-    data: Path = typer.Option(..., help=DATA_HELP + ": base frames (unless --normal-frames) and real mask shapes"),
-    out: Path = typer.Option(..., help="output dataset: images/ + masks/ (accepted), rejected/, manifest.jsonl"),
-    count: int = typer.Option(..., help="accepted samples wanted"),
-    weights: Optional[Path] = typer.Option(None, help="local diffusers inpainting folder (SDXL inpainting or other)"),
-    method: str = typer.Option("inpaint", help="inpaint (text-guided diffusion) or copy-paste (baseline)"),
-    prompts: Optional[Path] = typer.Option(None, help="prompt bank (.json like the shipped one, or .txt one per line)"),
-    normal_frames: Optional[Path] = typer.Option(None, help="folder of polyp-free frames to inpaint into"),
-    mask_source: str = typer.Option("mixed", help="mixed, real (re-placed annotations) or parametric (ellipse/blob)"),
-    resolution: Optional[int] = typer.Option(None, help="generation size (default: the pipeline's native size)"),
-    steps: int = typer.Option(30, help="denoising steps"),
-    guidance_scale: float = typer.Option(7.5, help="classifier-free guidance scale"),
-    strength: float = typer.Option(0.99, help="inpainting strength (1.0: ignore the masked pixels)"),
-    blend: str = typer.Option("seamless", help="copy-paste blending: seamless (Poisson) or feather"),
-    gate_model: Optional[Path] = typer.Option(None, help="Segmenter checkpoint for the quality gate "
+    data: Path = typer.Option(..., metavar="PATH", help=DATA_HELP + ": base frames (unless --normal-frames) and real mask shapes"),
+    out: Path = typer.Option(..., metavar="DIR", help="output dataset: images/ + masks/ (accepted), rejected/, manifest.jsonl"),
+    count: int = typer.Option(..., metavar="N", help="accepted samples wanted"),
+    weights: Optional[Path] = typer.Option(None, metavar="PATH", help="local diffusers inpainting folder (SDXL inpainting or other)"),
+    method: str = typer.Option("inpaint", metavar="TEXT", help="inpaint (text-guided diffusion) or copy-paste (baseline)"),
+    prompts: Optional[Path] = typer.Option(None, metavar="PATH", help="prompt bank (.json like the shipped one, or .txt one per line)"),
+    normal_frames: Optional[Path] = typer.Option(None, metavar="PATH", help="folder of polyp-free frames to inpaint into"),
+    mask_source: str = typer.Option("mixed", metavar="TEXT", help="mixed, real (re-placed annotations) or parametric (ellipse/blob)"),
+    resolution: Optional[int] = typer.Option(None, metavar="N", help="generation size (default: the pipeline's native size)"),
+    steps: int = typer.Option(30, metavar="N", help="denoising steps"),
+    guidance_scale: float = typer.Option(7.5, metavar="X", help="classifier-free guidance scale"),
+    strength: float = typer.Option(0.99, metavar="X", help="inpainting strength (1.0: ignore the masked pixels)"),
+    blend: str = typer.Option("seamless", metavar="TEXT", help="copy-paste blending: seamless (Poisson) or feather"),
+    gate_model: Optional[Path] = typer.Option(None, metavar="PATH", help="Segmenter checkpoint for the quality gate "
                                                          "(default: the shipped checkpoint)"),
-    gate_threshold: float = typer.Option(0.7, help="keep samples with IoU(intended, predicted) >= this"),
+    gate_threshold: float = typer.Option(0.7, metavar="X", help="keep samples with IoU(intended, predicted) >= this"),
     no_gate: bool = typer.Option(False, "--no-gate", help="accept every sample (no quality gate)"),
-    max_attempts: Optional[int] = typer.Option(None, help="stop after this many samples (default 4 x count)"),
-    seed: int = typer.Option(0, help="same seed, same samples"),
-    batch_size: int = typer.Option(1, help="samples per pipeline call"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
+    max_attempts: Optional[int] = typer.Option(None, metavar="N", help="stop after this many samples (default 4 x count)"),
+    seed: int = typer.Option(0, metavar="N", help="same seed, same samples"),
+    batch_size: int = typer.Option(1, metavar="N", help="samples per pipeline call"),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda[:N]"),
     fp16: bool = typer.Option(False, "--fp16", help="half precision weights (GPU)"),
     cpu_offload: bool = typer.Option(False, "--cpu-offload", help="enable_model_cpu_offload (needs accelerate)"),
     attention_slicing: bool = typer.Option(False, "--attention-slicing", help="lower peak memory, slower"),
@@ -292,38 +298,42 @@ def synth(
 
 @app.command()
 def ablate(
-    data: Path = typer.Option(..., help=DATA_HELP),
-    out: Path = typer.Option(..., help="folder for fold runs, ablation.md and ablation.json (resumable)"),
-    synthetic: Optional[Path] = typer.Option(None, help="`synth` output for the text-guided rows"),
-    counts: str = typer.Option("20,50,100,200", help="synthetic sample counts, comma-separated"),
-    copy_paste: Optional[Path] = typer.Option(None, help="`synth --method copy-paste` output (baseline row)"),
-    copy_paste_count: int = typer.Option(100),
-    folds: int = typer.Option(5, help="k of k-fold cross-validation"),
-    limit: Optional[int] = typer.Option(None, help="use this many real images (reduced scale, e.g. 40 on CPU)"),
-    steps: int = typer.Option(20000, help="stage 2 steps per run (e.g. 50 on CPU)"),
-    mask_ae_steps: int = typer.Option(600, help="stage 1 steps, once per fold"),
-    multistep: int = typer.Option(50, help="DDIM steps for the multi-step inference row"),
-    base_augment: str = typer.Option("none", help="augmentation of every row but 'traditional'"),
-    only: Optional[str] = typer.Option(None, help="comma-separated row names to run (default: all)"),
-    preset: str = typer.Option("compact"),
-    batch_size: int = typer.Option(8),
-    lr: float = typer.Option(1e-3),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
-    cache_dir: Optional[Path] = typer.Option(None, help="decoded-dataset cache (default ~/.cache/syndiff-stream)"),
+    recipe: Optional[str] = typer.Option(None, metavar="RECIPE", help=RECIPE_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP + "; applies to every row"),
+    out: Path = typer.Option(..., metavar="DIR", help="folder for fold runs, ablation.md and ablation.json (resumable)"),
+    row: Optional[List[str]] = typer.Option(None, "--row", metavar="ROW", help="custom row 'name: key=value, key=value' "
+                                                                "(repeatable), e.g. 'scope: augment.preset=scope'"),
+    paper_rows: bool = typer.Option(True, help="include the papers' rows (real only, synthetic, traditional "
+                                               "augmentation, frozen encoder, noise only, multi-step)"),
+    synthetic: Optional[Path] = typer.Option(None, metavar="PATH", help="synth output for the text-guided rows"),
+    counts: str = typer.Option("20,50,100,200", metavar="TEXT", help="synthetic sample counts, comma-separated"),
+    copy_paste: Optional[Path] = typer.Option(None, metavar="PATH", help="synth --method copy-paste output (baseline row)"),
+    copy_paste_count: int = typer.Option(100, metavar="N", help="copy-paste samples in the baseline row"),
+    folds: int = typer.Option(5, metavar="N", help="k of grouped k-fold cross-validation"),
+    limit: Optional[int] = typer.Option(None, metavar="N", help="use about this many real images, whole groups (reduced scale)"),
+    multistep: int = typer.Option(50, metavar="N", help="DDIM steps for the multi-step inference row"),
+    base_augment: str = typer.Option("none", metavar="TEXT", help="augmentation of the papers' rows but 'traditional'"),
+    only: Optional[str] = typer.Option(None, metavar="TEXT", help="comma-separated row names to run (default: all)"),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda[:N]"),
+    threads: Optional[int] = typer.Option(None, metavar="N", help="CPU threads for torch"),
+    cache_dir: Optional[Path] = typer.Option(None, metavar="PATH", help="decoded-dataset cache (default ~/.cache/syndiff-stream)"),
+    progress: bool = typer.Option(True, help="show progress bars"),
 ):
-    """The papers' ablations with k-fold: Markdown table of mean +- std Dice and IoU."""
+    """Ablations of a recipe under grouped k-fold: one table, a row per change, mean ± std and CI.
+
+    Shorten every run with --set, e.g. --set steps=300 --set stage1.steps=100."""
     from .ablate import AblateConfig, run_ablation
 
-    fit_extra = _overrides(dict(preset=preset, batch_size=batch_size, lr=lr, mask_ae_steps=mask_ae_steps,
-                                device=device, threads=threads, cache_dir=str(cache_dir) if cache_dir else None))
-    cfg = AblateConfig(data=str(data), out=str(out), synthetic=str(synthetic) if synthetic else None,
-                       copy_paste=str(copy_paste) if copy_paste else None,
-                       counts=tuple(int(c) for c in counts.split(",") if c.strip()), copy_paste_count=copy_paste_count,
-                       folds=folds, limit=limit, steps=steps, multistep=multistep, base_augment=base_augment,
-                       only=tuple(o.strip() for o in only.split(",")) if only else (), seed=seed, fit=fit_extra)
-    summary = run_ablation(cfg)
+    cfg = _recipe(recipe, set_)
+    options = {"device": device, "threads": threads, "progress": progress,
+               **({"cache_dir": str(cache_dir)} if cache_dir else {})}
+    acfg = AblateConfig(recipe=cfg, out=str(out), synthetic=str(synthetic) if synthetic else None,
+                        copy_paste=str(copy_paste) if copy_paste else None,
+                        counts=tuple(int(c) for c in counts.split(",") if c.strip()), copy_paste_count=copy_paste_count,
+                        folds=folds, limit=limit, multistep=multistep, base_augment=base_augment, paper_rows=paper_rows,
+                        custom_rows=tuple(row or ()), only=tuple(o.strip() for o in only.split(",")) if only else (),
+                        options=options)
+    summary = _run(run_ablation, acfg)
     typer.echo((out / "ablation.md").read_text())
     typer.echo(json.dumps({"out": str(out), "rows": len(summary["rows"])}))
 

@@ -196,8 +196,9 @@ def load_sources(specs, size: int, phash_threshold: int = 5, cache_dir: Path | N
     parts, manifest = [], {"sources": []}
     for spec in specs:
         root = Path(spec.path)
-        pairs = find_pairs(root)
-        ds = load_dataset(root, size, cache_dir=cache_dir, progress=progress)
+        skip = getattr(spec, "skip_unpaired", False)
+        pairs = find_pairs(root, skip_unpaired=skip)
+        ds = load_dataset(root, size, cache_dir=cache_dir, progress=progress, skip_unreadable=skip)
         ds.groups = group_ids(ds, spec.groups, root, phash_threshold)
         parts.append(ds.prefixed(spec.name))
         by_stem = {p.stem: p for p in pairs}

@@ -38,6 +38,7 @@ class ModelSpec(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict)  # any SegmenterConfig field
     init_vae: str = ""  # sd preset: local Stable Diffusion VAE folder (diffusers layout)
     init_from: str = ""  # start from this checkpoint (reuses its mask autoencoder)
+    freeze_encoder: bool = False  # ablation: the vision encoder keeps its initial weights
 
 
 class SourceSpec(_Strict):
@@ -48,6 +49,7 @@ class SourceSpec(_Strict):
     # <path>/sequences.csv (frame,sequence), `phash` clusters near-copies by perceptual hash,
     # `none` makes every image its own group.
     groups: Literal["sequences", "phash", "none"] = "phash"
+    skip_unpaired: bool = False  # leave out images without a mask (and masks without an image)
 
 
 class SplitSpec(_Strict):

@@ -48,7 +48,7 @@ from syndiff_stream.datasets import DatasetError
 from syndiff_stream.metrics import dice
 from syndiff_stream.model import CheckpointError, Segmenter, SegmenterConfig, init_from_sd_vae, soft_dice
 
-from .data import (ArrayDataset, BatchSampler, apply_split, build_augmenter, check_split, grouped_split,
+from .data import (ArrayDataset, BatchSampler, apply_split, build_augmenter, grouped_split,
                    load_sources, manifest_mismatch, sample_seed)
 from .recipe import RECIPE_NAME, Recipe, RecipeError, load_recipe, recipe_diff
 
@@ -327,6 +327,8 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict:
             print(f"stage 1: mask autoencoder reconstruction Dice {rec:.4f}")
 
     model.mask_vae.eval().requires_grad_(False)
+    if recipe.model.freeze_encoder:
+        model.vision_encoder.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(recipe.seed)
     opt = torch.optim.AdamW(params, lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay,
