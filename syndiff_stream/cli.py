@@ -76,6 +76,8 @@ PROFILE_HELP = "calibration profile (.json/.yaml): field of view, threshold, smo
 REMOTE_HELP = "allow --publish on an address other machines reach (warns; see --curve-secret)"
 CURVE_SECRET_HELP = "encrypt with CURVE: the publisher's .key_secret file from `syndiff-stream keys`"
 CURVE_ALLOW_HELP = "with --curve-secret: accept only clients whose .key files are in this folder"
+RELIABLE_HELP = ("also bind this ZeroMQ endpoint for ONE consumer that gets every frame exactly once, in "
+                 "order (PUSH/PULL; Subscriber(reliable=True)); the run waits for it, up to 60 s without progress")
 RECONNECT_HELP = ("network/device sources: after a disconnect, reconnect with backoff for up to this many "
                   "seconds, then stop; 0: stop at once")
 
@@ -154,7 +156,7 @@ def stats_line(stats) -> str:
                      if d[name])
     return (f"frames {d['frames_out']}/{d['frames']}  e2e {d['e2e_fps']:.1f} fps  model {d['model_fps']:.1f} fps  "
             f"decode {d['decode_fps']:.1f} fps  latency p50 {lat['p50']:.0f} / p99 {lat['p99']:.0f} ms  "
-            f"dropped {d['dropped']}  publish dropped {d['publish_dropped']}" + faults
+            f"dropped {d['dropped']}" + faults
             + (f"  source lost after {d['disconnected_s']:.0f} s disconnected" if d["source_lost"] else ""))
 
 
@@ -198,9 +200,11 @@ def run_pipeline(pipeline, on_progress=None, stopper: Optional[StopOnSignal] = N
 
     if stopper is not None:
         stopper.pipeline = pipeline
+    from .publish import ConsumerStalled
+
     try:
         return pipeline.run(on_progress=on_progress, progress_every=0.25)
-    except SourceError as exc:
+    except (SourceError, ConsumerStalled) as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot write output: {exc}")
@@ -228,6 +232,7 @@ def run(
     encoding: str = typer.Option("png", help="mask payload: raw | png | rle"),
     publish_overlay: bool = typer.Option(False, help="also publish JPEG overlays on the 'overlay' topic"),
     wait_subscribers: int = typer.Option(0, help="wait for this many subscribers before the first frame"),
+    reliable: str = typer.Option("", help=RELIABLE_HELP),
     overlay: Optional[Path] = typer.Option(None, help="write an overlay video here (.mp4)"),
     masks: Optional[Path] = typer.Option(None, help="write one mask PNG per frame into this folder"),
     jsonl: Optional[Path] = typer.Option(None, help="write one JSON line per frame here"),
@@ -256,7 +261,7 @@ def run(
     from rich.live import Live
 
     from .pipeline import Pipeline
-    from .publish import Publisher
+    from .publish import Publisher, ReliableSender
     from .sinks import JsonlSink, MaskFolderSink, OverlayVideoSink
 
     console = Console(stderr=True)
@@ -273,6 +278,10 @@ def run(
         makers.append(("--publish", lambda: Publisher(publish, encoding=encoding, overlay=publish_overlay,
                                                       allow_remote=allow_remote, curve_secret=curve_secret,
                                                       curve_allow=curve_allow)))
+    if reliable:
+        makers.append(("--reliable", lambda: ReliableSender(reliable, encoding=encoding, overlay=publish_overlay,
+                                                            allow_remote=allow_remote, curve_secret=curve_secret,
+                                                            curve_allow=curve_allow)))
     if overlay:
         makers.append(("--overlay", lambda: OverlayVideoSink(overlay, fps=src.fps or 30.0)))
     if masks:
@@ -288,14 +297,17 @@ def run(
         fail(f"--wait-subscribers {wait_subscribers}: not enough subscribers on {publish} within 60 s")
     pipeline = Pipeline(src, backend_, sinks, mode=mode_, batch_size=batch, max_frames=max_frames,
                         **profile_stages(profile_, backend_, smooth))
-    console.print(pipeline.describe())
+    console.print(pipeline.describe(), soft_wrap=True)
     with StopOnSignal() as stopper:
-        if quiet:
+        if quiet or not console.is_terminal:  # piped: no redrawn status line, just the final one
             stats = run_pipeline(pipeline, stopper=stopper)
         else:
             with Live(console=console, refresh_per_second=4, transient=True) as live:
                 stats = run_pipeline(pipeline, lambda st: live.update(stats_line(st)), stopper=stopper)
-    console.print(stats_line(stats) + ("  (interrupted)" if stats.interrupted else ""))
+    console.print(stats_line(stats) + ("  (interrupted)" if stats.interrupted else ""), soft_wrap=True)
+    if pipeline.mode.value == "live" and stats.dropped:
+        console.print(f"live mode drops by design: the newest frame wins when the model ({stats.as_dict()['model_fps']:.0f} "
+                      "fps) is slower than the source; --mode recorded processes every frame", soft_wrap=True)
 
 
 @app.command()
@@ -398,6 +410,8 @@ def bench(
                                                "default: unpaced"),
     compare_steps: int = typer.Option(0, help="also time T-step DDIM on the same frames (e.g. 50)"),
     compare_frames: int = typer.Option(3, help="frames for the T-step comparison"),
+    compare_rounds: int = typer.Option(5, help="interleaved timing rounds of the comparison: the speedup is "
+                                       "their median, `speedup_range` their spread"),
     smoothing: bool = typer.Option(False, help="also report Dice and flicker with and without smoothing (needs true masks)"),
     json_out: bool = typer.Option(False, "--json", help="print only one JSON object"),
     engine: Optional[Path] = typer.Option(None, help=ENGINE_HELP),
@@ -418,6 +432,7 @@ def bench(
     try:
         report = run_benchmark(seg, backend_, lambda: open_input(source, realtime=source_fps is not None, fps=source_fps), frames=frames, mode=mode_, batch_size=batch,
                                compare_steps=compare_steps, compare_frames=compare_frames,
+                               compare_rounds=compare_rounds,
                                smoothing=smoothing_config(True, seg.config.threshold) if smoothing else None)
     except ValueError as exc:
         fail(str(exc))
@@ -447,6 +462,9 @@ def view(
                         curve_secret=curve_secret, curve_server=curve_server)
     except (ViewerError, ValueError) as exc:
         fail(str(exc))
+    if n == 0:
+        fail(f"nothing received from {endpoint} in {timeout:g} s: is a publisher running there?"
+             + (f" ({out} not written)" if out else ""))
     typer.echo(f"{n} frames" + (f" -> {out}" if out else ""))
 
 

@@ -42,7 +42,6 @@ class Stats:
     frames_in: int = 0  # frames taken from the source
     frames_out: int = 0  # results through every stage
     dropped: int = 0  # frames dropped by the live buffer
-    publish_dropped: int = 0  # messages a full subscriber queue refused
     decode_s: float = 0.0  # time in the source (decoding / rendering), without live pacing
     preprocess_s: float = 0.0
     model_s: float = 0.0  # time inside the backend (wall time of the inference stage on CUDA)
@@ -78,7 +77,7 @@ class Stats:
             "e2e_fps": self._rate(self.frames_out, self.wall_s),
             "latency_ms": self._percentiles(self.latencies),
             "model_call_ms": self._percentiles(self.model_latencies),
-            "dropped": self.dropped, "publish_dropped": self.publish_dropped, "scene_cuts": self.scene_cuts,
+            "dropped": self.dropped, "scene_cuts": self.scene_cuts,
             "skipped": self.skipped, "invalid": self.invalid, "reconnects": self.reconnects,
             "disconnected_s": round(self.disconnected_s, 3), "source_lost": self.source_lost,
         }
@@ -302,4 +301,3 @@ class Pipeline:
         self.stats.source_lost = getattr(source, "lost", False)
         self.stats.dropped = self.buffer.dropped
         self.stats.scene_cuts = self.smoother.cuts
-        self.stats.publish_dropped = sum(getattr(s, "dropped", 0) for s in self.sinks)

