@@ -21,6 +21,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .model import Segmenter
@@ -63,6 +64,10 @@ class Backend:
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def infer_numpy(self, batch: torch.Tensor) -> np.ndarray:
+        """(N, 3, S, S) on any device -> probabilities (N, S, S) as float32 numpy on the host."""
+        return self.infer(batch.to(self.device))[:, 0].float().cpu().numpy()
+
     def warmup(self, batch_sizes=(1,)) -> None:
         """Run once per batch size so lazy compilation and allocation happen before timing."""
         for n in batch_sizes:
@@ -70,14 +75,22 @@ class Backend:
 
 
 class EagerBackend(Backend):
+    """The PyTorch module as is; `timestep` and `steps` (DDIM passes, for comparison) are only
+    here, where no graph is fixed by export or compilation."""
+
     name = "eager"
 
-    def __init__(self, seg: Segmenter, device="cpu"):
+    def __init__(self, seg: Segmenter, device="cpu", timestep: int | None = None, steps: int = 1):
         super().__init__(seg.to(device), device)
+        if steps < 1:
+            raise BackendError(f"--steps must be >= 1, got {steps}")
+        self.timestep, self.steps = timestep, steps
 
     @torch.inference_mode()
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.seg.predict_proba(batch)
+        if self.steps > 1:
+            return self.seg.predict_proba_multistep(batch, self.steps)
+        return self.seg.predict_proba(batch, self.timestep)
 
 
 class CompileBackend(Backend):

@@ -23,6 +23,7 @@ from .preprocess import prepare
 from .publish import Publisher
 from .smoothing import SmoothingConfig, evaluate_smoothing
 from .sources import Source
+from .stages import Stages
 
 
 def device_name(device: torch.device) -> str:
@@ -101,11 +102,11 @@ def run_benchmark(seg: Segmenter, backend: Backend, make_source: Callable[[], So
     if compare_steps:
         report.update(compare_step_counts(seg, make_source(), compare_steps, compare_frames, compare_rounds))
     if smoothing is not None:
-        size = backend.input_size
+        stages = Stages(backend)  # the pipeline's preprocess and runner, one frame at a time
 
         def predict(frame):
-            x, fov = prepare(frame.image, size)
-            return backend.infer(torch.from_numpy(x[None]).to(backend.device))[0, 0].cpu().numpy(), fov
+            item = stages.preprocess(frame)
+            return stages.infer([item])[0], item.fov
 
         report["smoothing"] = evaluate_smoothing(islice(make_source(), frames), predict, smoothing,
                                                  seg.config.threshold).as_dict()

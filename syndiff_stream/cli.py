@@ -40,31 +40,29 @@ def predict(
     timestep: Optional[int] = typer.Option(None, help="inference timestep (default: the model's)"),
     steps: int = typer.Option(1, help="U-Net passes: 1 = single step; more = DDIM, for comparison"),
 ):
-    """Segment still images: writes a mask PNG and an overlay PNG per image."""
-    import cv2
-    import torch
+    """Segment still images: writes a mask PNG and an overlay PNG per image.
 
-    from .datasets import DatasetError, read_image
-    from .overlay import render_overlay
-    from .preprocess import prepare, to_source
+    An image that cannot be read is reported and skipped; the others are still done (exit 2 at
+    the end, naming the ones skipped)."""
+    from .backends import BackendError, EagerBackend
+    from .stills import segment_stills
 
     seg = load_model(model)
-    out.mkdir(parents=True, exist_ok=True)
-    size = seg.config.image_size
-    for path in images:
-        try:
-            frame = read_image(path)
-        except DatasetError as exc:
-            fail(str(exc))
-        x, fov = prepare(frame, size)
-        x = torch.from_numpy(x)[None]
-        prob = seg.predict_proba(x, timestep) if steps == 1 else seg.predict_proba_multistep(x, steps)
-        mask = to_source(prob[0, 0].numpy(), fov, *frame.shape[:2]) >= seg.config.threshold
-        cv2.imwrite(str(out / f"{path.stem}_mask.png"), mask.astype("uint8") * 255)
-        overlay = render_overlay(frame, mask)
-        cv2.imwrite(str(out / f"{path.stem}_overlay.png"), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
-        typer.echo(f"{path}: polyp area {mask.mean() * 100:.1f}% -> {out / (path.stem + '_mask.png')}")
-
+    try:
+        backend = EagerBackend(seg, "cpu", timestep=timestep, steps=steps)
+        out.mkdir(parents=True, exist_ok=True)
+    except (BackendError, OSError) as exc:
+        fail(str(exc))
+    failed = []
+    for path, result in segment_stills(images, backend, out):
+        if isinstance(result, str):
+            typer.secho(f"{path}: skipped: {result}", err=True, fg=typer.colors.YELLOW)
+            failed.append(str(path))
+        else:
+            flag = "" if result.valid else "  (model output had NaN/inf: no answer, mask left empty)"
+            typer.echo(f"{path}: polyp area {result.mask.mean() * 100:.1f}% -> {out / (path.stem + '_mask.png')}{flag}")
+    if failed:
+        fail(f"{len(failed)} of {len(images)} images could not be read: {', '.join(failed)}")
 
 
 # ---- streaming runtime: run, batch, bench, view -------------------------------------------------
@@ -141,12 +139,6 @@ def check_mode(mode: Optional[str]):
         return Mode(mode)
     except ValueError:
         fail(f"--mode {mode!r}: choose recorded or live")
-
-
-def smoothing_config(smooth: bool, threshold: float):
-    from .smoothing import SmoothingConfig
-
-    return SmoothingConfig(high=threshold, low=max(threshold - 0.15, 0.0)) if smooth else None
 
 
 def stats_line(stats) -> str:
@@ -262,6 +254,7 @@ def run(
 
     from .pipeline import Pipeline
     from .publish import Publisher, ReliableSender
+    from .stages import Stages
     from .sinks import JsonlSink, MaskFolderSink, OverlayVideoSink
 
     console = Console(stderr=True)
@@ -296,7 +289,7 @@ def run(
     if publish and wait_subscribers and not sinks[0].wait_for_subscribers(wait_subscribers, timeout=60):
         fail(f"--wait-subscribers {wait_subscribers}: not enough subscribers on {publish} within 60 s")
     pipeline = Pipeline(src, backend_, sinks, mode=mode_, batch_size=batch, max_frames=max_frames,
-                        **profile_stages(profile_, backend_, smooth))
+                        stages=Stages.for_profile(backend_, profile_, smooth))
     console.print(pipeline.describe(), soft_wrap=True)
     with StopOnSignal() as stopper:
         if quiet or not console.is_terminal:  # piped: no redrawn status line, just the final one
@@ -327,23 +320,16 @@ def batch(
     An unreadable input is reported and skipped (exit 2 at the end); SIGINT/SIGTERM stop cleanly
     (exit 130/143) and a rerun resumes with the unfinished input.
     """
-    import json
-    import shutil
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .frames import Mode
-    from .pipeline import Pipeline
-    from .sinks import JsonlSink, MaskFolderSink, OverlayVideoSink
-    from .sources import SourceError, open_source
+    from .batch import BatchError, is_done, plan, process_recording
+    from .sources import SourceError
+    from .stages import default_smoothing
 
-    for path in inputs:
-        if not path.exists():
-            fail(f"input {path} does not exist")
-    names = [p.stem if p.is_file() else p.name for p in inputs]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        fail(f"two inputs would write to the same folder {out / dup}; rename one")
+    try:
+        pairs = plan(inputs, out)
+    except BatchError as exc:
+        fail(str(exc))
     dev = pick_device(device)
     seg = load_model(model)
     engine = build_backend(seg, backend, dev)
@@ -353,46 +339,37 @@ def batch(
         fail(f"--out {out}: {exc}")
     failed = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  TextColumn("{task.fields[status]}")) as progress, StopOnSignal() as stopper:
-        for path, name in zip(inputs, names):
+                  TextColumn("{task.fields[status]}")) as progress, \
+            StopOnSignal() as stopper:
+        for path, final in pairs:
             if stopper.signum:  # a signal between two inputs
                 raise typer.Exit(stopper.exit_code)
-            final, work = out / name, out / f".{name}.partial"
-            if (final / ".done").is_file():
-                progress.add_task(name, total=1, completed=1, status="done earlier, skipped")
+            if is_done(final):
+                progress.add_task(final.name, total=1, completed=1, status="done earlier, skipped")
                 continue
-            task = progress.add_task(name, total=None, status="")
-            try:  # a broken recording is reported and the batch goes on with the others
-                src = open_source(str(path))
-                progress.update(task, total=len(src) or None)
-                shutil.rmtree(work, ignore_errors=True)
-                makers = [("masks", lambda: MaskFolderSink(work / "masks")),
-                          ("frames.jsonl", lambda: JsonlSink(work / "frames.jsonl"))]
-                if overlay:
-                    makers.append(("overlay.mp4", lambda: OverlayVideoSink(work / "overlay.mp4", fps=src.fps or 30.0)))
-                pipeline = Pipeline(src, engine, open_sinks(makers), mode=Mode.RECORDED,
-                                    smoothing=smoothing_config(smooth, seg.config.threshold))
+            task = progress.add_task(final.name, total=None, status="")
+
+            def started(pipeline, frames, task=task):
                 stopper.pipeline = pipeline
-                stats = pipeline.run(lambda st: progress.update(task, completed=st.frames_out), progress_every=0.25)
+                progress.update(task, total=frames or None)
+
+            try:  # a missing or broken recording is reported and the batch goes on with the others
+                stats = process_recording(path, final, engine, default_smoothing(smooth, seg.config.threshold),
+                                          overlay, on_start=started,
+                                          on_progress=lambda st, task=task: progress.update(task, completed=st.frames_out))
             except SourceError as exc:
-                progress.update(task, status="failed")
+                progress.update(task, status="failed, skipped")
                 failed.append(str(exc))
-                shutil.rmtree(work, ignore_errors=True)
                 continue
             except OSError as exc:
                 fail(f"cannot write output: {exc}")
             if stats.interrupted:
                 progress.update(task, status="interrupted: rerun to resume")
                 raise typer.Exit(stopper.exit_code)
-            # Finished files first, then .done, then one rename: the folder appears complete or not at all.
-            (work / "summary.json").write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
-            (work / ".done").write_text("")
-            shutil.rmtree(final, ignore_errors=True)
-            work.rename(final)
             progress.update(task, total=stats.frames_out, completed=stats.frames_out,
                             status=f"{stats.as_dict()['e2e_fps']:.1f} fps -> {final}")
     if failed:
-        fail(f"{len(failed)} of {len(inputs)} inputs failed: " + "; ".join(failed))
+        fail(f"{len(failed)} of {len(inputs)} inputs could not be read and were skipped: " + "; ".join(failed))
 
 
 @app.command()
@@ -420,6 +397,7 @@ def bench(
     import json
 
     from .benchmark import run_benchmark
+    from .stages import default_smoothing
 
     if frames < 1:
         fail("--frames must be >= 1")
@@ -433,7 +411,7 @@ def bench(
         report = run_benchmark(seg, backend_, lambda: open_input(source, realtime=source_fps is not None, fps=source_fps), frames=frames, mode=mode_, batch_size=batch,
                                compare_steps=compare_steps, compare_frames=compare_frames,
                                compare_rounds=compare_rounds,
-                               smoothing=smoothing_config(True, seg.config.threshold) if smoothing else None)
+                               smoothing=default_smoothing(True, seg.config.threshold) if smoothing else None)
     except ValueError as exc:
         fail(str(exc))
     if json_out:
@@ -502,6 +480,7 @@ def soak(
     import json
 
     from .soak import run_soak
+    from .stages import default_smoothing
 
     if minutes <= 0 or sample_every <= 0:
         fail("--minutes and --sample-every must be > 0")
@@ -510,7 +489,7 @@ def soak(
     backend_ = build_backend(seg, backend, dev)
     src = open_input(source, fps=fps, realtime=True, reconnect_timeout=30.0)
     with StopOnSignal() as stopper:  # Ctrl-C ends the soak early, with its report
-        report = run_soak(src, backend_, minutes, sample_every, smoothing_config(True, seg.config.threshold),
+        report = run_soak(src, backend_, minutes, sample_every, default_smoothing(True, seg.config.threshold),
                           on_sample=lambda s: typer.secho(json.dumps(s), err=True),
                           on_start=lambda pipeline: setattr(stopper, "pipeline", pipeline))
     text = json.dumps(report)
@@ -543,16 +522,6 @@ def apply_profile_checks(profile, source) -> None:
         except ProfileError as exc:
             source.close()
             fail(str(exc))
-
-
-def profile_stages(profile, backend, smooth: bool) -> dict:
-    """Pipeline keyword arguments: the profile's preprocess stage and smoothing, or the defaults."""
-    from .calibration import ProfilePreprocessor
-
-    if profile is None:
-        return {"smoothing": smoothing_config(smooth, backend.seg.config.threshold)}
-    return {"smoothing": profile.smoothing_config(smooth),
-            "preprocess": ProfilePreprocessor(backend.input_size, profile, on_device=backend.device.type == "cuda")}
 
 
 @app.command()
@@ -613,7 +582,7 @@ def calibrate(
     try:
         frames_, manifest = read_frames(frames, masks, limit=max_frames)
         profile = calibrate_profile(
-            frames_, lambda x: engine.infer(torch.from_numpy(x).to(engine.device))[:, 0].cpu().numpy(),
+            frames_, lambda x: engine.infer_numpy(torch.from_numpy(x)),
             seg.config.image_size, name=name, scope=scope, site=site, manifest=manifest if int8_frames else (),
             int8_frames=int8_frames, flicker_weight=flicker_weight, default_threshold=seg.config.threshold)
     except ProfileError as exc:

@@ -76,7 +76,7 @@ class HostRunner:
         self.pool = ThreadPoolExecutor(self.depth, thread_name_prefix="infer") if self.depth > 1 else None
 
     def _run(self, x: torch.Tensor) -> np.ndarray:
-        return self.backend.infer(x.to(self.backend.device))[:, 0].cpu().numpy()
+        return self.backend.infer_numpy(x)
 
     def submit(self, items: Sequence[Prepared]) -> Done | Future:
         x = torch.from_numpy(np.stack([item.x for item in items]))
