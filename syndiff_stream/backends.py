@@ -252,7 +252,9 @@ class TensorRTBackend(Backend):
         super().__init__(seg.to(device), device)
         self.max_batch = max_batch
         if engine_path is not None:  # an exported program written by `syndiff-stream export`
-            self.module = torch_tensorrt.load(str(engine_path)).module()
+            # torch.export.load only: torch_tensorrt.load tries TorchScript (pickle) first. Importing
+            # torch_tensorrt above registers the TensorRT ops the program calls.
+            self.module = torch.export.load(str(engine_path)).module()
             return
         s = self.input_size
         inputs = [torch_tensorrt.Input(min_shape=(1, 3, s, s), opt_shape=(max_batch, 3, s, s),
