@@ -299,7 +299,7 @@ def run(
                 stats = run_pipeline(pipeline, lambda st: live.update(stats_line(st)), stopper=stopper)
     console.print(stats_line(stats) + ("  (interrupted)" if stats.interrupted else ""), soft_wrap=True)
     if pipeline.mode.value == "live" and stats.dropped:
-        console.print(f"live mode drops by design: the newest frame wins when the model ({stats.as_dict()['model_fps']:.0f} "
+        console.print(f"live mode drops by design: the newest frame wins when the model ({stats.as_dict()['model_fps']:.1f} "
                       "fps) is slower than the source; --mode recorded processes every frame", soft_wrap=True)
 
 
