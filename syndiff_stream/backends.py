@@ -268,6 +268,18 @@ class TensorRTBackend(Backend):
         return torch.cat([self.module(c).float() for c in batch.split(self.max_batch)])
 
 
+def pick_device(name: str) -> str:
+    """cpu | cuda | cuda:N | auto (cuda when torch sees a GPU) -> the device to run on; the one
+    copy of device choice (the CLI's --device, plugins, the device check)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise BackendError(f"--device {name!r}: choose cpu, cuda or auto")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise BackendError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
+    return name
+
+
 def make_backend(name: str, seg: Segmenter, device: str = "cpu", threads: int | None = None, **kwargs) -> Backend:
     """Backend by name. `threads` caps CPU threads (torch intra-op, or ORT's session)."""
     if name not in BACKENDS:

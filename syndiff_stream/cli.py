@@ -81,13 +81,13 @@ RECONNECT_HELP = ("network/device sources: after a disconnect, reconnect with ba
 
 
 def pick_device(device: str) -> str:
-    import torch
+    from .backends import BackendError
+    from .backends import pick_device as choose
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        fail(f"--device {device!r}: choose cpu, cuda or auto")
-    return device
+    try:
+        return choose(device)
+    except BackendError as exc:
+        fail(str(exc))
 
 
 def build_backend(seg, backend: str, device: str, threads: Optional[int] = None, engine: Optional[Path] = None):

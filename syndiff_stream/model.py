@@ -114,6 +114,14 @@ class SegmenterConfig:
         return cls(**data)
 
 
+def soft_dice(prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample soft Dice of probabilities against a 0/1 mask, (N, C, H, W) -> (N,), smoothed by
+    1 so two empty masks score 1 (the metric's empty-mask policy, metrics.py). The one copy: the
+    mask loss here and the trainer's mask autoencoder both use it."""
+    inter = (prob * mask).sum((1, 2, 3))
+    return (2 * inter + 1) / (prob.sum((1, 2, 3)) + mask.sum((1, 2, 3)) + 1)
+
+
 def preset_config(name: str, **overrides) -> SegmenterConfig:
     """`compact`: <= 5M parameters for CPU and edge. `sd`: paper scale, SD's VAE architecture.
     `tiny`: for tests."""
@@ -272,10 +280,8 @@ class Segmenter(nn.Module):
             # mask. A sigmoid of the raw output (not the clamped probability) keeps a gradient on
             # every pixel, also on a missed polyp far below the threshold.
             logits = MASK_LOGIT_SCALE * self.decode_raw(z0_hat)
-            prob = torch.sigmoid(logits)
-            inter = (prob * mask).sum((1, 2, 3))
-            dice = (2 * inter + 1) / (prob.sum((1, 2, 3)) + mask.sum((1, 2, 3)) + 1)
-            losses["mask"] = (1 - dice).mean() + F.binary_cross_entropy_with_logits(logits, mask)
+            losses["mask"] = (1 - soft_dice(torch.sigmoid(logits), mask)).mean() \
+                + F.binary_cross_entropy_with_logits(logits, mask)
             loss = loss + cfg.mask_loss_weight * losses["mask"]
         losses["loss"] = loss
         return losses
