@@ -227,7 +227,7 @@ class ReliableSender(_Sender):
     socket_type = zmq.PUSH
 
     def __init__(self, endpoint: str, *args, stall_timeout: float = 60.0, **kwargs):
-        self.stall_timeout = stall_timeout
+        self.stall_timeout, self.stalled = stall_timeout, False
         super().__init__(endpoint, *args, **kwargs)
 
     def _configure(self) -> None:
@@ -235,8 +235,9 @@ class ReliableSender(_Sender):
 
     def _send(self, parts: list[bytes]) -> None:
         deadline = time.monotonic() + self.stall_timeout
-        while not self.socket.poll(100, zmq.POLLOUT):
-            if time.monotonic() > deadline:
+        while self.stalled or not self.socket.poll(100, zmq.POLLOUT):
+            if self.stalled or time.monotonic() > deadline:  # once stalled, later sends (heartbeats) fail at once
+                self.stalled = True
                 raise ConsumerStalled(f"reliable consumer on {self.endpoint} took nothing for "
                                       f"{self.stall_timeout:g} s (not connected, or stopped reading)")
         self.socket.send_multipart(parts)
@@ -245,3 +246,10 @@ class ReliableSender(_Sender):
     def close(self, linger: float = 5.0) -> None:
         """End-of-stream waits like a frame, then queued messages get `linger` seconds to leave."""
         super().close(linger)
+
+    def abort(self) -> None:
+        """After a failed run (the pipeline calls this instead of `close`): no `end`, no waiting,
+        so a consumer that stalled the run does not hold its shutdown too. The consumer sees the
+        stream stop without `end`: incomplete."""
+        if not self.socket.closed:
+            self._release(0)

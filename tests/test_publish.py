@@ -194,3 +194,19 @@ def test_wait_for_subscribers_counts_subscribers_not_topics(rt_endpoint):
     first.close()
     second.close()
     pub.close(linger=0)
+
+
+def test_a_failed_run_aborts_the_reliable_sender_without_waiting(rt_endpoint, rt_tiny_segmenter):
+    """The consumer never reads: the run stops with ConsumerStalled, and shutting down does not
+    wait a second stall timeout for `end` (abort, not close)."""
+    from syndiff_stream.backends import make_backend
+    from syndiff_stream.pipeline import Pipeline
+    from syndiff_stream.sources import DemoSource
+
+    sender, attempted = ReliableSender(rt_endpoint, stall_timeout=0.5), []
+    send = sender._send
+    sender._send = lambda parts: (attempted.append(bytes(parts[0])), send(parts))
+    with pytest.raises(ConsumerStalled):
+        Pipeline(DemoSource(size=(48, 60), realtime=False, frames=20), make_backend("eager", rt_tiny_segmenter),
+                 [sender]).run()
+    assert sender.socket.closed and sender.stalled and b"end" not in attempted  # no `end` waited for
