@@ -280,6 +280,18 @@ def pick_device(name: str) -> str:
     return name
 
 
+def resolve_backend(name: str, device: str) -> str:
+    """`auto` -> the fastest backend installed for `device` (tensorrt on CUDA, onnx on CPU, else
+    eager); any other name unchanged."""
+    import importlib.util
+
+    if name != "auto":
+        return name
+    if torch.device(device).type == "cuda":
+        return "tensorrt" if importlib.util.find_spec("torch_tensorrt") else "eager"
+    return "onnx" if importlib.util.find_spec("onnxruntime") else "eager"
+
+
 def make_backend(name: str, seg: Segmenter, device: str = "cpu", threads: int | None = None, **kwargs) -> Backend:
     """Backend by name. `threads` caps CPU threads (torch intra-op, or ORT's session)."""
     if name not in BACKENDS:

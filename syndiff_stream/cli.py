@@ -92,9 +92,7 @@ def pick_device(device: str) -> str:
 
 def build_backend(seg, backend: str, device: str, threads: Optional[int] = None, engine: Optional[Path] = None):
     """Backend by name, with `auto` resolved and errors as one line; `engine`: an exported file."""
-    import importlib.util
-
-    from .backends import BackendError, make_backend
+    from .backends import BackendError, make_backend, resolve_backend
 
     if engine is not None:
         from .export import open_engine
@@ -104,11 +102,7 @@ def build_backend(seg, backend: str, device: str, threads: Optional[int] = None,
         except BackendError as exc:
             fail(str(exc))
 
-    if backend == "auto":
-        if device == "cuda":
-            backend = "tensorrt" if importlib.util.find_spec("torch_tensorrt") else "eager"
-        else:
-            backend = "onnx" if importlib.util.find_spec("onnxruntime") else "eager"
+    backend = resolve_backend(backend, device)
     if backend == "onnx":
         from .backends import cache_dir, model_hash
 
