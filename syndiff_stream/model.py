@@ -42,7 +42,9 @@ MASK_LOGIT_SCALE = 4.0  # decoder output ~[-1, 1] -> logits; 0 stays the decisio
 
 
 def soft_dice(prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample soft Dice of (B,1,H,W) maps with +1 smoothing (empty predicted empty scores 1)."""
+    """Per-sample soft Dice of probabilities against a 0/1 mask, (N, C, H, W) -> (N,), smoothed by
+    1 so two empty masks score 1 (the metric's empty-mask policy, metrics.py). The one copy: the
+    mask loss here and the trainer's mask autoencoder both use it."""
     inter = (prob * mask).sum((1, 2, 3))
     return (2 * inter + 1) / (prob.sum((1, 2, 3)) + mask.sum((1, 2, 3)) + 1)
 
