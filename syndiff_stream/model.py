@@ -7,14 +7,16 @@ Structure, as in the papers:
 Training: z_t = sqrt(a_t) z0 + sqrt(1 - a_t) n; loss = L1(n, n~) + lambda * L1(z0, z0~).
 Inference: ONE U-Net pass at a fixed timestep from seeded Gaussian noise, decode with D.
 
-Two deviations from the paper are configurable, and on by default in the `compact` preset
+Three deviations from the paper are configurable, and on by default in the `compact` preset
 because without them a small model trained from scratch stays near Dice 0.3 (see docs/model.md):
   * prediction_type="v_prediction": the U-Net predicts v, from which n~ and z0~ both follow
     with bounded coefficients. With epsilon prediction z0~ = (z_t - sqrt(1-a) n~) / sqrt(a)
     multiplies every error in n~ by 1/sqrt(a) ~ 39 at t = 999, where single-step inference runs.
     The loss is unchanged: L1 on the noise plus lambda * L1 on the latent.
-  * timestep_sampling="focused": half the training draws use the inference timestep, the rest
+  * timestep_sampling="focused": 3 in 4 training draws use the inference timestep, the rest
     stay U(1, 1000), so the one timestep used at inference is not 1/1000 of the training signal.
+  * mask_loss_weight=1: soft Dice + BCE on the decoded mask D(z0~), through the frozen decoder,
+    added to the paper's two terms: a latent close in L1 can still decode to an empty mask.
 """
 
 from __future__ import annotations
