@@ -56,13 +56,13 @@ def predict(
     failed = []
     for path, result in segment_stills(images, backend, out):
         if isinstance(result, str):
-            typer.secho(f"{path}: skipped: {result}", err=True, fg=typer.colors.YELLOW)
+            typer.secho(f"{path}: skipped: {result}", err=True, fg=typer.colors.YELLOW)  # unreadable or unwritable
             failed.append(str(path))
         else:
             flag = "" if result.valid else "  (model output had NaN/inf: no answer, mask left empty)"
             typer.echo(f"{path}: polyp area {result.mask.mean() * 100:.1f}% -> {out / (path.stem + '_mask.png')}{flag}")
     if failed:
-        fail(f"{len(failed)} of {len(images)} images could not be read: {', '.join(failed)}")
+        fail(f"{len(failed)} of {len(images)} images could not be read or written: {', '.join(failed)}")
 
 
 # ---- streaming runtime: run, batch, bench, view -------------------------------------------------

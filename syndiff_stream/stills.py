@@ -11,6 +11,7 @@ from pathlib import Path
 
 import cv2
 
+from .atomic import atomic_path
 from .backends import Backend
 from .datasets import DatasetError, read_image
 from .frames import Frame, Result
@@ -18,10 +19,17 @@ from .overlay import render_overlay
 from .stages import Stages
 
 
+def write_png(path: Path, image) -> None:
+    """Whole file or nothing; OpenCV reports a failed write (full disk, no permission) as False."""
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), image):
+            raise OSError(f"cannot write {path}")
+
+
 def segment_stills(images: Sequence[Path], backend: Backend, out: Path | None = None
                    ) -> Iterator[tuple[Path, Result | str]]:
-    """(path, Result) per image, or (path, reason) for one that cannot be read, which is skipped.
-    With `out`, writes <stem>_mask.png (0/255) and <stem>_overlay.png there."""
+    """(path, Result) per image, or (path, reason) for one that cannot be read or written, which is
+    skipped. With `out`, writes <stem>_mask.png (0/255) and <stem>_overlay.png there."""
     stages = Stages(backend)
     for index, path in enumerate(map(Path, images)):
         try:
@@ -32,8 +40,12 @@ def segment_stills(images: Sequence[Path], backend: Backend, out: Path | None = 
         stages.smoother.reset()
         result = stages(Frame(image, path.stem, index, None))
         if out is not None:
-            cv2.imwrite(str(out / f"{path.stem}_mask.png"), result.mask.astype("uint8") * 255)
-            overlay = render_overlay(image, result.mask)
-            cv2.imwrite(str(out / f"{path.stem}_overlay.png"), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+            try:
+                write_png(out / f"{path.stem}_mask.png", result.mask.astype("uint8") * 255)
+                write_png(out / f"{path.stem}_overlay.png", cv2.cvtColor(render_overlay(image, result.mask),
+                                                                        cv2.COLOR_RGB2BGR))
+            except OSError as exc:
+                yield path, f"could not write its output ({exc})"
+                continue
         yield path, result
     stages.close()

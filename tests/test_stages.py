@@ -79,6 +79,15 @@ def test_predict_command_does_the_rest_and_names_the_bad_ones(rt_tiny_model_dir,
     assert sorted(p.name for p in (tmp_path / "out").glob("*_mask.png")) == ["one_mask.png", "two_mask.png"]
 
 
+def test_predict_reports_an_output_it_could_not_write(rt_tiny_model_dir, tmp_path):
+    image = tmp_path / "one.png"
+    cv2.imwrite(str(image), cv2.cvtColor(frames(1)[0].image, cv2.COLOR_RGB2BGR))
+    out = tmp_path / "out"
+    (out / "one_mask.png").mkdir(parents=True)  # a folder where the mask file must go: the write fails
+    result = CliRunner().invoke(app, ["predict", str(image), "--out", str(out), "--model", str(rt_tiny_model_dir)])
+    assert result.exit_code == 2 and "could not write" in result.output and "polyp area" not in result.output
+
+
 def test_calibration_predictions_pass_the_guard(rt_tiny_segmenter):
     from syndiff_stream.calibration import ColorSpec
 
