@@ -51,6 +51,18 @@ def soft_dice(prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (2 * inter + 1) / (prob.sum((1, 2, 3)) + mask.sum((1, 2, 3)) + 1)
 
 
+def tversky_focal_loss(logits: torch.Tensor, mask: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """(1 - soft Tversky) + focal BCE, per-sample means averaged. beta weighs missed polyp pixels."""
+    prob = torch.sigmoid(logits)
+    tp = (prob * mask).sum((1, 2, 3))
+    fn = ((1 - prob) * mask).sum((1, 2, 3))
+    fp = (prob * (1 - mask)).sum((1, 2, 3))
+    tversky = (tp + 1) / (tp + beta * fn + (1 - beta) * fp + 1)
+    bce = F.binary_cross_entropy_with_logits(logits, mask, reduction="none")
+    p_true = torch.where(mask > 0.5, prob, 1 - prob)
+    return (1 - tversky).mean() + ((1 - p_true) ** gamma * bce).mean()
+
+
 class CheckpointError(ValueError):
     """A checkpoint folder that is missing, corrupt or does not match its config."""
 
@@ -112,6 +124,12 @@ class SegmenterConfig(BaseModel):
     inference_timestep: int = 999
     latent_loss_weight: float = 1.0  # lambda
     mask_loss_weight: float = 1.0  # Dice + BCE on D(z0~) (docs/model.md); 0 is the paper's loss
+    # dice_bce: soft Dice + BCE. tversky_focal: soft Tversky (a missed polyp pixel weighs
+    # tversky_beta, a false one 1 - tversky_beta) + focal BCE (gamma): both weigh small, hard polyps
+    # more than Dice + BCE, where a small polyp is a small share of the pixels.
+    mask_loss_type: Literal["dice_bce", "tversky_focal"] = "dice_bce"
+    tversky_beta: float = 0.7
+    focal_gamma: float = 2.0
     threshold: float = 0.5
     noise_seed: int = 0
 
@@ -313,7 +331,10 @@ class Segmenter(nn.Module):
             # mask. A sigmoid of the raw output (not the clamped probability) keeps a gradient on
             # every pixel, also on a missed polyp far below the threshold.
             logits = MASK_LOGIT_SCALE * self.decode_raw(z0_hat)
-            losses["mask"] = (1 - soft_dice(torch.sigmoid(logits), mask)).mean() + F.binary_cross_entropy_with_logits(logits, mask)
+            if cfg.mask_loss_type == "dice_bce":
+                losses["mask"] = (1 - soft_dice(torch.sigmoid(logits), mask)).mean() + F.binary_cross_entropy_with_logits(logits, mask)
+            else:
+                losses["mask"] = tversky_focal_loss(logits, mask, cfg.tversky_beta, cfg.focal_gamma)
             loss = loss + cfg.mask_loss_weight * losses["mask"]
         losses["loss"] = loss
         return losses

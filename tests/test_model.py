@@ -53,6 +53,24 @@ def test_loss_terms_match_hand_computed_values():
     assert losses["loss"].requires_grad
 
 
+def test_tversky_focal_weighs_missed_pixels_by_beta():
+    from syndiff_stream.model import tversky_focal_loss
+
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4, :4] = 1
+    logits = torch.full_like(mask, -20.0)  # predicts nothing: every polyp pixel missed
+    miss = tversky_focal_loss(logits, mask, beta=0.9, gamma=2.0)
+    # Tversky: tp = 0, fn = 16 -> 1 - 1 / (0.9 * 16 + 1); focal: the 16 missed pixels keep their full
+    # BCE (softplus(20)), the 48 right ones ~0 (confidently right)
+    focal = 16 / 64 * torch.nn.functional.softplus(torch.tensor(20.0))
+    assert torch.allclose(miss, 1 - 1 / (0.9 * 16 + 1) + focal, atol=1e-4)
+    assert tversky_focal_loss(logits, mask, beta=0.9, gamma=2.0) > tversky_focal_loss(logits, mask, beta=0.3, gamma=2.0)
+    m = Segmenter(preset_config("tiny", image_size=64, mask_loss_type="tversky_focal"))
+    losses = m.training_losses(torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.5).float(),
+                               generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(losses["mask"]) and losses["loss"].requires_grad
+
+
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
 def test_latent_estimate_matches_diffusers_ddim_step(kind):
     """Our z0~ is what diffusers' own DDIMScheduler.step calls pred_original_sample."""

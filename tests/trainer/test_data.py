@@ -118,3 +118,20 @@ def test_scope_field_of_view_clears_the_label_outside_the_view():
         out = fov(image=img, mask=mask)
         dark = out["image"].max(axis=2) == 0
         assert dark.any() and not out["mask"][dark].any() and out["mask"][~dark].all()
+
+
+def test_small_polyp_boost_draws_small_polyps_more_often_within_a_source():
+    from syndiff_trainer.data import small_polyp_weights
+    from syndiff_trainer.recipe import SamplingSpec
+
+    ds = two_sources()
+    ds.masks[:] = False
+    ds.masks[0, 2:4, 2:4] = True  # a small polyp (4 of 1024 px)
+    ds.masks[1, :20, :20] = True  # a large one
+    weights = small_polyp_weights(ds, SamplingSpec(small_polyp_boost=3.0))
+    assert weights[0] == 4.0 and weights[1] == 1.0 and small_polyp_weights(ds, SamplingSpec()) is None
+    sampler = BatchSampler(ds, 64, seed=0, image_weights=weights)
+    drawn = np.concatenate([sampler.indices(s) for s in range(40)])
+    assert (drawn == 0).sum() > 2.5 * (drawn == 1).sum()
+    share_b = np.mean([ds.stems[i].startswith("b/") for i in drawn])
+    assert 0.3 < share_b < 0.5  # the source share is untouched (8 of 20 images)

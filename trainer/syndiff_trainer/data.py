@@ -374,6 +374,21 @@ def build_augmenter(strength: str = "standard", seed: int | None = None):
     return A.Compose(transforms, seed=seed)
 
 
+def small_polyp_weights(ds: ArrayDataset, spec) -> np.ndarray | None:
+    """Relative draw weight per image: 1 + boost for images whose polyps are all small, else 1."""
+    if not spec or spec.small_polyp_boost == 0:
+        return None
+    import cv2
+
+    weights = np.ones(len(ds))
+    for i, mask in enumerate(ds.masks):
+        n, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+        areas = stats[1:, cv2.CC_STAT_AREA] / mask.size
+        if n > 1 and (areas < spec.small_fraction).all():
+            weights[i] += spec.small_polyp_boost
+    return weights
+
+
 def sample_seed(*key: int) -> int:
     """A 32-bit seed from a tuple (seed, step, slot): the same draw whatever the worker layout."""
     return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
@@ -387,11 +402,16 @@ class BatchSampler:
     resumed run, or one with another loader layout, sees exactly the same batches."""
 
     def __init__(self, ds: ArrayDataset, batch_size: int, seed: int, augment=None,
-                 source_weights: dict[str, float] | None = None):
+                 source_weights: dict[str, float] | None = None, image_weights: np.ndarray | None = None):
         self.ds, self.batch_size, self.seed, self.augment = ds, batch_size, seed, augment
         sources = ds.sources
         counts = {s: sources.count(s) for s in set(sources)}
         w = np.array([(source_weights or {}).get(s, 1.0) / counts[s] for s in sources], dtype=np.float64)
+        if image_weights is not None:  # within a source: relative weights; a source's share stays its own
+            for s in set(sources):
+                idx = np.array([i for i, x in enumerate(sources) if x == s])
+                rel = image_weights[idx] / image_weights[idx].mean()
+                w[idx] = w[idx] * rel
         self.p = w / w.sum()
 
     def indices(self, step: int) -> np.ndarray:

@@ -85,6 +85,9 @@ class AugmentSpec(_Strict):
 class LossSpec(_Strict):
     latent_weight: float = Field(1.0, ge=0)  # lambda in L1(n, n~) + lambda * L1(z0, z0~)
     mask_weight: float = Field(1.0, ge=0)  # Dice + BCE on D(z0~); 0 is the paper's loss
+    mask_type: Literal["dice_bce", "tversky_focal"] = "dice_bce"
+    tversky_beta: float = Field(0.7, ge=0, le=1)  # tversky_focal: weight of a missed polyp pixel
+    focal_gamma: float = Field(2.0, ge=0)
 
 
 class TimestepSpec(_Strict):
@@ -104,6 +107,15 @@ class Stage1Spec(_Strict):
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(16, ge=1)
     target_dice: float = Field(0.99, gt=0, le=1)
+
+
+class SamplingSpec(_Strict):
+    """How training images are drawn, beyond the per-source weights."""
+
+    # An image whose polyps are all small (< small_fraction of the frame) is drawn
+    # (1 + small_polyp_boost) times as often: small polyps are what the model misses.
+    small_polyp_boost: float = Field(0.0, ge=0)
+    small_fraction: float = Field(0.02, gt=0, lt=1)
 
 
 class SyntheticSpec(_Strict):
@@ -130,6 +142,7 @@ class Recipe(_Strict):
     timesteps: TimestepSpec = Field(default_factory=TimestepSpec)
     ema: EmaSpec = Field(default_factory=EmaSpec)
     stage1: Stage1Spec = Field(default_factory=Stage1Spec)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
 
     @model_validator(mode="after")
@@ -153,7 +166,9 @@ class Recipe(_Strict):
     def model_config_(self) -> SegmenterConfig:
         """The SegmenterConfig this recipe trains: preset + overrides + loss and timestep sections."""
         owned = dict(image_size=self.image_size, latent_loss_weight=self.loss.latent_weight,
-                     mask_loss_weight=self.loss.mask_weight, timestep_sampling=self.timesteps.sampling,
+                     mask_loss_weight=self.loss.mask_weight, mask_loss_type=self.loss.mask_type,
+                     tversky_beta=self.loss.tversky_beta, focal_gamma=self.loss.focal_gamma,
+                     timestep_sampling=self.timesteps.sampling,
                      focus_prob=self.timesteps.focus_prob, inference_timestep=self.timesteps.inference)
         try:
             return preset_config(self.model.preset, **{**self.model.overrides, **owned})
@@ -167,7 +182,9 @@ class Recipe(_Strict):
 
 # SegmenterConfig fields a recipe sets from its own sections (not from model.overrides).
 RECIPE_OWNED = {"image_size": "image_size", "latent_loss_weight": "loss.latent_weight",
-                "mask_loss_weight": "loss.mask_weight", "timestep_sampling": "timesteps.sampling",
+                "mask_loss_weight": "loss.mask_weight", "mask_loss_type": "loss.mask_type",
+                "tversky_beta": "loss.tversky_beta", "focal_gamma": "loss.focal_gamma",
+                "timestep_sampling": "timesteps.sampling",
                 "focus_prob": "timesteps.focus_prob", "inference_timestep": "timesteps.inference"}
 
 

@@ -49,7 +49,7 @@ from syndiff_stream.metrics import dice
 from syndiff_stream.model import CheckpointError, Segmenter, SegmenterConfig, init_from_sd_vae, soft_dice
 
 from .data import (ArrayDataset, BatchSampler, apply_split, build_augmenter, grouped_split,
-                   load_sources, manifest_mismatch, sample_seed)
+                   load_sources, manifest_mismatch, sample_seed, small_polyp_weights)
 from .recipe import RECIPE_NAME, Recipe, RecipeError, load_recipe, recipe_diff
 
 RECORDS = (RECIPE_NAME, "manifest.json", "split.json", "run.json", "log.jsonl")
@@ -243,7 +243,8 @@ def _build_model(recipe: Recipe, device) -> tuple[Segmenter, bool]:
     if recipe.model.init_from:
         model = Segmenter.from_pretrained(recipe.model.init_from).to(device)
         owned = recipe.model_config_().to_dict()
-        for key in ("latent_loss_weight", "mask_loss_weight", "timestep_sampling", "focus_prob", "inference_timestep"):
+        for key in ("latent_loss_weight", "mask_loss_weight", "mask_loss_type", "tversky_beta", "focal_gamma",
+                    "timestep_sampling", "focus_prob", "inference_timestep"):
             setattr(model.config, key, owned[key])
         for key, value in recipe.model.overrides.items():
             setattr(model.config, key, value)
@@ -349,7 +350,7 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict:
         return m.eval()
 
     sampler = BatchSampler(train, recipe.batch_size, recipe.seed, build_augmenter(recipe.augment.preset),
-                           sources.weights)
+                           sources.weights, image_weights=small_polyp_weights(train, recipe.sampling))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     stop = min(recipe.steps, opts.stop_at or recipe.steps)
     t_steps, n_steps = 0.0, 0
