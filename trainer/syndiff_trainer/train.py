@@ -44,7 +44,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save_file
 
 from syndiff_stream.atomic import atomic_path, write_text
-from syndiff_stream.datasets import DatasetError
 from syndiff_stream.metrics import dice
 from syndiff_stream.model import CheckpointError, Segmenter, SegmenterConfig, init_from_sd_vae, soft_dice
 
@@ -422,11 +421,6 @@ def finish(out: Path, recipe: Recipe) -> dict:
             **{k: v for k, v in info.items() if k.startswith(("val_dice", "select_dice"))}}
 
 
-def fit_recipe(recipe: str | Path, sets: list[str] | None = None, **options) -> dict:
-    """`fit` from a recipe file or shipped name, with `--set` overrides; for scripts and tests."""
-    return fit(load_recipe(recipe, sets), RunOptions(**options))
-
-
 def load_run_recipe(checkpoint: str | Path) -> Recipe:
     path = Path(checkpoint)
     if not (path / RECIPE_NAME).is_file():
@@ -448,8 +442,6 @@ def reproduce(checkpoint: str | Path, opts: RunOptions) -> dict:
         if why:
             raise RecipeError(f"cannot reproduce {checkpoint}: {why}")
     out = Path(opts.out)
-    if (checkpoint / "split.json").is_file() and not (out / "split.json").is_file():
-        out.mkdir(parents=True, exist_ok=True)
     run_json = json.loads((checkpoint / "run.json").read_text()) if (checkpoint / "run.json").is_file() else {}
     if opts.threads is None and run_json.get("threads"):
         opts = opts.model_copy(update={"threads": run_json["threads"]})
@@ -473,9 +465,3 @@ def reproduce(checkpoint: str | Path, opts: RunOptions) -> dict:
         report["recorded_val_dice"] = want.get("val_dice")
         report["val_dice"] = mine.get("val_dice")
     return report
-
-
-def describe_error(exc: Exception) -> str:
-    if isinstance(exc, (RecipeError, DatasetError, CheckpointError)):
-        return str(exc)
-    raise exc
