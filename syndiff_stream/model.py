@@ -132,6 +132,10 @@ class SegmenterConfig(BaseModel):
     focal_gamma: float = 2.0
     threshold: float = 0.5
     noise_seed: int = 0
+    # Test-time augmentation: average the probability of the frame and of its mirror image. One
+    # batch of twice the frames through the U-Net, so about twice the model time; every backend
+    # (eager, compiled, ONNX, TensorRT) runs it, since it is part of predict_proba.
+    tta_flip: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "SegmenterConfig":
@@ -352,7 +356,11 @@ class Segmenter(nn.Module):
     @torch.no_grad()
     def predict_proba(self, image: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """Image (B,3,H,W) in [-1, 1] -> polyp probability (B,1,H,W)."""
-        return self.decode_latent(self.predict_latent(image, timestep))
+        if not self.config.tta_flip:
+            return self.decode_latent(self.predict_latent(image, timestep))
+        b = image.shape[0]
+        prob = self.decode_latent(self.predict_latent(torch.cat([image, image.flip(-1)]), timestep))
+        return (prob[:b] + prob[b:].flip(-1)) / 2
 
     @torch.no_grad()
     def predict_proba_multistep(self, image: torch.Tensor, steps: int) -> torch.Tensor:

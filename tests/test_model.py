@@ -106,6 +106,17 @@ def test_single_step_is_deterministic_and_batch_independent(model):
     assert torch.equal(model.predict_proba(x), a)
 
 
+def test_flip_tta_averages_the_frame_and_its_mirror():
+    torch.manual_seed(0)
+    m = Segmenter(preset_config("tiny", image_size=64)).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    plain, mirrored = m.predict_proba(x), m.predict_proba(x.flip(-1)).flip(-1)
+    m.config.tta_flip = True
+    tta = m.predict_proba(x)
+    assert torch.allclose(tta, (plain + mirrored) / 2, atol=1e-5)
+    assert torch.allclose(tta, tta.flip(-1).flip(-1)) and not torch.allclose(tta, plain, atol=1e-4)
+
+
 def test_multistep_runs_from_the_same_noise(model):
     x = torch.rand(1, 3, 256, 256) * 2 - 1
     p = model.predict_proba_multistep(x, steps=3)

@@ -185,6 +185,8 @@ def eval_(
     steps: int = typer.Option(1, metavar="N", help="1 = single step; T > 1 = DDIM with T U-Net passes"),
     timestep: Optional[int] = typer.Option(None, metavar="N", help="single-step inference timestep (default: the model's)"),
     limit: Optional[int] = typer.Option(None, metavar="N", help="score only the first N images"),
+    tta: bool = typer.Option(False, "--tta", help="flip test-time augmentation: average the frame and its "
+                                                  "mirror (about twice the model time)"),
     skip_unpaired: bool = typer.Option(False, "--skip-unpaired", help="leave out images without a mask and "
                                                                      "unreadable files (reported)"),
     per_image: bool = typer.Option(False, help="add per-image rows"),
@@ -203,6 +205,8 @@ def eval_(
     if threads:
         torch.set_num_threads(threads)
     seg = _load_model(model)
+    if tta:
+        seg.config.tta_flip = True
     warn = lambda msg: typer.secho(f"warning: {msg}", err=True, fg=typer.colors.YELLOW)  # noqa: E731
     ds = _eval_data(data, model or default_checkpoint_path(), split_file, split, subset, limit,
                     seg.config.image_size, warn, skip_unpaired)
