@@ -35,10 +35,11 @@ from syndiff_stream.sources import PseudoVideoSource, Source
 
 SETTINGS = {  # name -> config at threshold 0.5 (None: the model's per-frame masks)
     "off": None,
-    "ema (old default)": SmoothingConfig(motion=False, support=False),
-    "ema + support": SmoothingConfig(motion=False),
-    "motion, no support": SmoothingConfig(support=False),
-    "motion + support (new default)": SmoothingConfig(),
+    "old default": SmoothingConfig(low=0.35, motion=False, support=False),  # EMA 0.6, hysteresis 0.15
+    "default + hysteresis 0.15": SmoothingConfig(low=0.35),
+    "default without motion": SmoothingConfig(motion=False),
+    "default without support": SmoothingConfig(support=False),
+    "default": SmoothingConfig(),  # EMA 0.6 warped along the flow, support, no hysteresis
 }
 
 
@@ -145,8 +146,12 @@ def time_smoothers(folder: Path, frames: int = 100) -> dict:
 
 def all_clips(args) -> dict[str, list[Clip]]:
     held_out = json.loads((Path(syndiff_stream.__file__).parent / "weights/compact-kvasir/split.json").read_text())["val"]
-    kinds = {"cvc x1": cvc_clips(args.cvc, 1), "cvc x2": cvc_clips(args.cvc, 2)}
-    return kinds | {k: pseudo_clips(args.pseudo, k, args.images, args.frames, held_out) for k in PSEUDO_KINDS}
+    kinds = {}
+    for kind in args.kinds:
+        step = {"cvc x1": 1, "cvc x2": 2}.get(kind)
+        kinds[kind] = (cvc_clips(args.cvc, step) if step else
+                       pseudo_clips(args.pseudo, kind, args.images, args.frames, held_out))
+    return kinds
 
 
 parser = argparse.ArgumentParser()
@@ -156,7 +161,8 @@ parser.add_argument("--model", default=os.environ.get("SYNDIFF_MODEL"), help="de
 parser.add_argument("--backend", default="onnx")
 parser.add_argument("--images", type=int, default=12, help="held-out images per pseudo-video kind")
 parser.add_argument("--frames", type=int, default=20, help="frames per image in a pseudo-video")
-parser.add_argument("--settings", nargs="*", default=list(SETTINGS), help="which settings to compare")
+parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS), help="which settings to compare")
+parser.add_argument("--kinds", nargs="*", default=["cvc x1", "cvc x2", *PSEUDO_KINDS], choices=["cvc x1", "cvc x2", *PSEUDO_KINDS])
 parser.add_argument("--time", action="store_true", help="only time the smoothers at 720x576")
 parser.add_argument("--json", type=Path, help="also write the report here")
 
@@ -170,6 +176,6 @@ if __name__ == "__main__":
     for kind, clips in all_clips(args).items():
         for name in args.settings:
             report.setdefault(kind, {})[name] = r = score(backend, clips, SETTINGS[name])
-            print(f"{kind:8} {name:32} {json.dumps(r)}", flush=True)
+            print(f"{kind:8} {name:26} {json.dumps(r)}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

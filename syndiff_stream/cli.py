@@ -144,7 +144,7 @@ def check_mode(mode: Optional[str]):
 def smoothing_config(smooth: bool, threshold: float):
     from .smoothing import SmoothingConfig
 
-    return SmoothingConfig(high=threshold, low=max(threshold - 0.15, 0.0)) if smooth else None
+    return SmoothingConfig.at(threshold) if smooth else None
 
 
 def stats_line(stats) -> str:

@@ -62,8 +62,9 @@ def test_config_is_validated():
 
 
 def test_smoothing_lowers_flicker_without_costing_dice():
-    """A jittery per-frame predictor on a moving demo sequence: smoothing must cut flicker and keep
-    Dice within one point (the same measurement `bench --smoothing` reports for a real model)."""
+    """A jittery per-frame predictor on a moving demo sequence: smoothing must cut flicker by more
+    than a third, keep Dice within one point and add no false-positive frames (the same
+    measurement `bench --smoothing` reports for a real model)."""
     frames = list(DemoSource(size=(144, 180), realtime=False, frames=40, seed=3))
     assert sum(f.truth.any() for f in frames) > 30  # polyps in view: a real test of Dice
 
@@ -75,8 +76,9 @@ def test_smoothing_lowers_flicker_without_costing_dice():
 
     report = evaluate_smoothing(frames, jittery, SmoothingConfig())
     assert report.frames == 40
-    assert report.flicker_smoothed < 0.5 * report.flicker_raw
+    assert report.flicker_smoothed < 0.6 * report.flicker_raw
     assert report.dice_smoothed >= report.dice_raw - 0.01
+    assert report.fp_smoothed <= report.fp_raw
 
 
 def test_support_drops_components_the_current_frame_does_not_see():
@@ -170,8 +172,9 @@ def test_no_ghost_at_the_old_position_after_a_jump(camera_jump, config):
 
 
 def test_the_old_ema_left_a_ghost_after_a_jump():
-    """What issue 15 reported, kept as a check that the jump test above can fail."""
-    smoother = Smoother(SmoothingConfig(motion=False, support=False))
+    """What issue 15 reported, kept as a check that the jump test above can fail: the previous
+    default (EMA 0.6, hysteresis 0.5/0.35, no motion, no support)."""
+    smoother = Smoother(SmoothingConfig(low=0.35, motion=False, support=False))
     ghosts = []
     for img, prob, fov, after, old in jump_sequence(camera_jump=False):
         mask = smoother.update(img, prob, fov)[1]
