@@ -72,6 +72,13 @@ class SmoothingConfig:
     def is_off(self) -> bool:
         return self.alpha >= 1 and self.low == self.high and self.min_area == 0 and not self.support
 
+    def describe(self) -> str:
+        if self.is_off:
+            return "off"
+        parts = [f"ema {self.alpha}" + (" along the flow" if self.motion and self.alpha < 1 else "")]
+        parts += [f"hysteresis {self.high}/{self.low}"] if self.low < self.high else []
+        return ", ".join(parts + (["support"] if self.support else []) + [f"min area {self.min_area}"])
+
 
 def thumbnail(image: np.ndarray) -> np.ndarray:
     gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
@@ -175,10 +182,12 @@ class Smoother:
         return float(np.abs(thumb - self.thumb).mean()) > cfg.cut_threshold
 
     def update(self, image: np.ndarray, prob: np.ndarray, fov: FieldOfView) -> tuple[np.ndarray, np.ndarray]:
-        """Source frame (H, W, 3), model-resolution probability (S, S), its field of view ->
+        """Source frame (H, W, 3) RGB or (H, W) grey, model-resolution probability (S, S), its field of view ->
         (smoothed probability at source resolution, bool mask at source resolution)."""
         cfg = self.config
         h, w = image.shape[:2]
+        if image.ndim == 3 and (self.motion or math.isfinite(cfg.cut_threshold)):
+            image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)  # once for both thumbnails
         thumb = thumbnail(image) if math.isfinite(cfg.cut_threshold) else None
         if self.ema is not None and (self.ema.shape != prob.shape or self.mask.shape != (h, w)
                                      or (thumb is not None and self.is_cut(thumb, fov))):
@@ -207,13 +216,16 @@ class Smoother:
         return prob_src, mask
 
     def follow(self, gray: np.ndarray, ema: np.ndarray, prev_mask: np.ndarray, fov: FieldOfView,
-               h: int, w: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
-        """Warp the memory (model-resolution EMA, source-resolution mask) from the previous frame
-        into this one; pixels whose warped grey value does not match forget it."""
+               h: int, w: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray | None]:
+        """Warp the memory (model-resolution EMA; with hysteresis, the source-resolution mask) from
+        the previous frame into this one; pixels whose warped grey value does not match forget it."""
+        cfg = self.config
         flow = self.motion.flow(self.gray, gray)
-        valid = matched(self.gray, gray, flow, self.config.mismatch).astype(np.uint8)
+        valid = matched(self.gray, gray, flow, cfg.mismatch).astype(np.uint8)
         s = ema.shape[0]
         ema = (warp(ema, flow), cv2.resize(valid, (s, s), interpolation=cv2.INTER_NEAREST) > 0)
+        if cfg.low >= cfg.high:  # no hysteresis: the previous mask is not used
+            return ema, None
         crop = (slice(fov.y0, fov.y1), slice(fov.x0, fov.x1))
         keep = cv2.resize(valid, (fov.width, fov.height), interpolation=cv2.INTER_NEAREST) > 0
         moved = np.zeros((h, w), bool)
