@@ -10,7 +10,8 @@ frame to the next, which reads as noise on a live overlay. The remedies, each wi
                polyp was; pixels whose warped previous grey value does not match this frame's
                (`mismatch`: an occlusion, a jump the flow could not follow) forget their memory;
   hysteresis   a pixel turns on at p >= high and stays on while p >= low (temporal: it uses the
-               previous, warped mask), so values hovering at the threshold do not toggle;
+               previous, warped mask), so values hovering at the threshold do not toggle; off by
+               default (low = high): it cost Dice on CVC-ClinicDB sequences (docs/runtime.md);
   support      a component is shown only if this frame's own prediction (prob >= high) touches
                it: memory may shape and steady a polyp the model sees now, never keep one it no
                longer sees (no ghost after a jump, zero frames of hysteresis for a whole polyp);
@@ -18,8 +19,8 @@ frame to the next, which reads as noise on a live overlay. The remedies, each wi
 `Smoother.off(threshold)` is the identity: mask = prob >= threshold at source resolution, exactly
 what the model predicts frame by frame.
 
-`evaluate_smoothing` measures Dice against true masks and flicker (mean 1 - IoU of consecutive
-masks) with and without smoothing on the same probabilities.
+`evaluate_smoothing` measures Dice against true masks, frames with a false-positive component and
+flicker (mean 1 - IoU of consecutive masks) with and without smoothing on the same probabilities.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def flow_gray(image: np.ndarray, fov: FieldOfView, size: int) -> np.ndarray:
 
 
 class Motion:
-    """Dense optical flow from the previous thumbnail to the current one, and warps along it."""
+    """Dense optical flow (DIS) from the previous thumbnail to the current one."""
 
     def __init__(self):
         self.dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST)
@@ -194,17 +195,15 @@ class Smoother:
             self.cuts += 1
             self.reset()
         prob = prob.astype(np.float32)
-        ema, prev_mask = self.ema, self.mask
+        memory, valid, prev_mask = self.ema, None, self.mask
         gray = flow_gray(image, fov, cfg.flow_size) if self.motion else None
-        if self.motion and ema is not None:
-            ema, prev_mask = self.follow(gray, ema, prev_mask, fov, h, w)
-        if ema is None or cfg.alpha >= 1:
+        if self.motion and memory is not None:
+            memory, valid, prev_mask = self.follow(gray, memory, prev_mask, fov, h, w)
+        if memory is None or cfg.alpha >= 1:
             self.ema = prob
-        elif isinstance(ema, tuple):  # warped memory with the pixels it is valid for
-            ema, valid = ema
-            self.ema = np.where(valid, cfg.alpha * prob + (1 - cfg.alpha) * ema, prob)
         else:
-            self.ema = cfg.alpha * prob + (1 - cfg.alpha) * ema
+            blend = cfg.alpha * prob + (1 - cfg.alpha) * memory
+            self.ema = blend if valid is None else np.where(valid, blend, prob)
         self.fov, self.thumb, self.gray = fov, thumb, gray
         prob_src = to_source(self.ema, fov, h, w)
         mask = prob_src >= cfg.high
@@ -216,21 +215,22 @@ class Smoother:
         return prob_src, mask
 
     def follow(self, gray: np.ndarray, ema: np.ndarray, prev_mask: np.ndarray, fov: FieldOfView,
-               h: int, w: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray | None]:
-        """Warp the memory (model-resolution EMA; with hysteresis, the source-resolution mask) from
-        the previous frame into this one; pixels whose warped grey value does not match forget it."""
+               h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Warp the memory from the previous frame into this one: (EMA at model resolution, where
+        it is valid, the mask at source resolution or None without hysteresis). Pixels whose
+        warped grey value does not match this frame's forget it."""
         cfg = self.config
         flow = self.motion.flow(self.gray, gray)
         valid = matched(self.gray, gray, flow, cfg.mismatch).astype(np.uint8)
         s = ema.shape[0]
-        ema = (warp(ema, flow), cv2.resize(valid, (s, s), interpolation=cv2.INTER_NEAREST) > 0)
+        ema, ema_valid = warp(ema, flow), cv2.resize(valid, (s, s), interpolation=cv2.INTER_NEAREST) > 0
         if cfg.low >= cfg.high:  # no hysteresis: the previous mask is not used
-            return ema, None
+            return ema, ema_valid, None
         crop = (slice(fov.y0, fov.y1), slice(fov.x0, fov.x1))
         keep = cv2.resize(valid, (fov.width, fov.height), interpolation=cv2.INTER_NEAREST) > 0
         moved = np.zeros((h, w), bool)
         moved[crop] = (warp(prev_mask[crop].astype(np.uint8), flow, nearest=True) > 0) & keep
-        return ema, moved
+        return ema, ema_valid, moved
 
 
 # ---- measurement --------------------------------------------------------------------------------
