@@ -88,15 +88,19 @@ class SmoothingSpec(_Strict):
 
     enabled: bool = True
     alpha: float = Field(0.6, gt=0, le=1)
-    hysteresis: float = Field(0.15, ge=0, le=1)  # low = threshold - hysteresis
+    hysteresis: float = Field(0.0, ge=0, le=1)  # low = threshold - hysteresis
     min_area: float = Field(0.002, ge=0, lt=1)
     cut_threshold: float = Field(0.15, gt=0)
+    motion: bool = True  # warp the memory along the optical flow
+    mismatch: float = Field(0.1, gt=0, le=1)  # grey difference after warping that forgets a pixel
+    support: bool = True  # show a component only where the current frame's prediction touches it
 
     def config(self, threshold: float) -> SmoothingConfig:
         if not self.enabled:
             return SmoothingConfig.off(threshold)
         return SmoothingConfig(alpha=self.alpha, high=threshold, low=max(threshold - self.hysteresis, 0.0),
-                               min_area=self.min_area, cut_threshold=self.cut_threshold)
+                               min_area=self.min_area, cut_threshold=self.cut_threshold, motion=self.motion,
+                               mismatch=self.mismatch, support=self.support)
 
 
 class ColorSpec(_Strict):

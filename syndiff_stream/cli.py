@@ -227,7 +227,7 @@ def run(
     device: str = typer.Option("auto", help="cpu | cuda | auto"),
     batch: Optional[int] = typer.Option(None, help="frames per inference batch (default: 4 recorded, 1 live)"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: all cores)"),
-    smooth: bool = typer.Option(True, help="temporal smoothing (EMA, hysteresis, minimum area)"),
+    smooth: bool = typer.Option(True, help="temporal smoothing (EMA warped along the optical flow, minimum area)"),
     max_frames: Optional[int] = typer.Option(None, help="stop after this many source frames"),
     fps: Optional[float] = typer.Option(None, help="frame rate of demo / folder / pseudo sources"),
     quiet: bool = typer.Option(False, help="no live status line"),
@@ -305,7 +305,7 @@ def batch(
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     device: str = typer.Option("auto", help="cpu | cuda | auto"),
     overlay: bool = typer.Option(True, help="write overlay.mp4 per input"),
-    smooth: bool = typer.Option(True, help="temporal smoothing (EMA, hysteresis, minimum area)"),
+    smooth: bool = typer.Option(True, help="temporal smoothing (EMA warped along the optical flow, minimum area)"),
 ):
     """Process recorded procedures losslessly, one output folder per input; resumable.
 

@@ -126,8 +126,7 @@ class Pipeline:
         self._last_done = 0.0
 
     def describe(self) -> str:
-        cfg = self.smoother.config
-        smooth = "off" if cfg.alpha >= 1 and cfg.low == cfg.high else f"ema {cfg.alpha}, hysteresis {cfg.high}/{cfg.low}"
+        smooth = self.smoother.config.describe()
         sinks = ", ".join(type(s).__name__ for s in self.sinks) or "none"
         return (f"{self.source.source_id} -> preprocess {self.backend.input_size}px -> {self.mode.value} buffer "
                 f"({self.buffer.capacity}) -> {self.backend.name} on {self.backend.device} (batch {self.batch_size}"

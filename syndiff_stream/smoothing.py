@@ -1,23 +1,33 @@
 """Temporal smoothing of per-frame probabilities into stable masks, and a measurement of what it buys.
 
 A per-frame segmenter flickers: border pixels and faint false positives switch on and off from one
-frame to the next, which reads as noise on a live overlay. Three remedies, each with a knob:
+frame to the next, which reads as noise on a live overlay. The remedies, each with a knob:
   EMA          p_t = alpha * prob_t + (1 - alpha) * p_{t-1}, reset on a scene cut (a large frame
                difference) or a moved field of view, so a cut never blends two scenes;
+  motion       before blending, the memory (p_{t-1} and the previous mask) is warped along a dense
+               optical flow (DIS, on a `flow_size` grey thumbnail of the field of view) from the
+               previous frame to this one, so it follows the scope instead of staying where the
+               polyp was; pixels whose warped previous grey value does not match this frame's
+               (`mismatch`: an occlusion, a jump the flow could not follow) forget their memory;
   hysteresis   a pixel turns on at p >= high and stays on while p >= low (temporal: it uses the
-               previous mask), so values hovering at the threshold do not toggle;
+               previous, warped mask), so values hovering at the threshold do not toggle; off by
+               default (low = high): it cost Dice on CVC-ClinicDB sequences (docs/runtime.md);
+  support      a component is shown only if this frame's own prediction (prob >= high) touches
+               it: memory may shape and steady a polyp the model sees now, never keep one it no
+               longer sees (no ghost after a jump, zero frames of hysteresis for a whole polyp);
   min area     connected components smaller than a fraction of the field of view are dropped.
 `Smoother.off(threshold)` is the identity: mask = prob >= threshold at source resolution, exactly
 what the model predicts frame by frame.
 
-`evaluate_smoothing` measures Dice against true masks and flicker (mean 1 - IoU of consecutive
-masks) with and without smoothing on the same probabilities.
+`evaluate_smoothing` measures Dice against true masks, frames with a false-positive component and
+flicker (mean 1 - IoU of consecutive masks) with and without smoothing on the same probabilities.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Callable, Iterable
 
 import cv2
@@ -34,10 +44,14 @@ THUMB = 32  # scene-cut detection compares 32x32 grey thumbnails
 class SmoothingConfig:
     alpha: float = 0.6  # weight of the newest frame; 1 disables the EMA
     high: float = 0.5  # turn on at p >= high ...
-    low: float = 0.35  # ... stay on while p >= low
+    low: float = 0.5  # ... stay on while p >= low (off by default: it cost Dice on CVC-ClinicDB)
     min_area: float = 0.002  # fraction of the field of view; smaller components are dropped
     cut_threshold: float = 0.15  # mean |difference| of thumbnails (0..1) that counts as a scene cut
     fov_tolerance: float = 0.05  # field-of-view change (fraction of its size) that resets the EMA
+    motion: bool = True  # warp the memory along the optical flow between consecutive frames
+    flow_size: int = 96  # side of the grey field-of-view thumbnail the flow is computed on
+    mismatch: float = 0.1  # grey difference (0..1) after warping above which a pixel forgets
+    support: bool = True  # show a component only where this frame's own prediction touches it
 
     def __post_init__(self):
         if not 0 < self.alpha <= 1:
@@ -46,8 +60,25 @@ class SmoothingConfig:
             raise ValueError(f"need 0 <= low <= high <= 1, got low={self.low}, high={self.high}")
 
     @classmethod
+    def at(cls, threshold: float, hysteresis: float = 0.0) -> "SmoothingConfig":
+        """The default smoothing for a model with this decision threshold."""
+        return cls(high=threshold, low=max(threshold - hysteresis, 0.0))
+
+    @classmethod
     def off(cls, threshold: float = 0.5) -> "SmoothingConfig":
-        return cls(alpha=1.0, high=threshold, low=threshold, min_area=0.0, cut_threshold=math.inf)
+        return cls(alpha=1.0, high=threshold, low=threshold, min_area=0.0, cut_threshold=math.inf,
+                   motion=False, support=False)
+
+    @property
+    def is_off(self) -> bool:
+        return self.alpha >= 1 and self.low == self.high and self.min_area == 0 and not self.support
+
+    def describe(self) -> str:
+        if self.is_off:
+            return "off"
+        parts = [f"ema {self.alpha}" + (" along the flow" if self.motion and self.alpha < 1 else "")]
+        parts += [f"hysteresis {self.high}/{self.low}"] if self.low < self.high else []
+        return ", ".join(parts + (["support"] if self.support else []) + [f"min area {self.min_area}"])
 
 
 def thumbnail(image: np.ndarray) -> np.ndarray:
@@ -55,14 +86,70 @@ def thumbnail(image: np.ndarray) -> np.ndarray:
     return cv2.resize(gray, (THUMB, THUMB), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
 
 
-def remove_small(mask: np.ndarray, min_pixels: float) -> np.ndarray:
-    """Drop 8-connected components with fewer than `min_pixels` pixels."""
-    if min_pixels <= 1 or not mask.any():
+def remove_small(mask: np.ndarray, min_pixels: float, support: np.ndarray | None = None) -> np.ndarray:
+    """Drop 8-connected components with fewer than `min_pixels` pixels, and, given a `support`
+    mask, those that do not touch it."""
+    if (min_pixels <= 1 and support is None) or not mask.any():
         return mask
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_pixels
+    if support is not None:
+        keep &= np.bincount(labels[support], minlength=n) > 0
     keep[0] = False
     return keep[labels]
+
+
+# ---- motion ------------------------------------------------------------------------------------
+
+def flow_gray(image: np.ndarray, fov: FieldOfView, size: int) -> np.ndarray:
+    """The field of view as a `size` x `size` uint8 grey thumbnail (what the flow is computed on)."""
+    crop = image[fov.y0:fov.y1, fov.x0:fov.x1]
+    gray = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY) if crop.ndim == 3 else crop
+    return cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA)
+
+
+class Motion:
+    """Dense optical flow (DIS) from the previous thumbnail to the current one."""
+
+    def __init__(self):
+        self.dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST)
+
+    def flow(self, prev: np.ndarray, curr: np.ndarray) -> np.ndarray:
+        """(h, w, 2) float32: current pixel x came from previous pixel x + flow[x] (in thumbnail pixels)."""
+        return self.dis.calc(curr, prev, None)
+
+
+@lru_cache(maxsize=8)
+def _pixel_grid(height: int, width: int) -> np.ndarray:
+    grid = np.empty((height, width, 2), np.float32)
+    grid[..., 0], grid[..., 1] = np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32)[:, None]
+    grid.flags.writeable = False
+    return grid
+
+
+def sample_map(flow: np.ndarray, height: int, width: int) -> np.ndarray:
+    """remap() coordinates (height, width, 2) that pull a (height, width) image of the previous
+    frame along `flow` (computed on a smaller grid over the same field of view) into the current frame."""
+    fh, fw = flow.shape[:2]
+    if (fh, fw) != (height, width):
+        flow = cv2.resize(flow, (width, height), interpolation=cv2.INTER_LINEAR)
+        flow *= np.float32((width / fw, height / fh))
+    return _pixel_grid(height, width) + flow
+
+
+def warp(image: np.ndarray, flow: np.ndarray, nearest: bool = False) -> np.ndarray:
+    """The previous frame's `image` (any size covering the flow's field of view) moved along `flow`
+    into the current frame; what comes from outside the image is 0."""
+    h, w = image.shape[:2]
+    return cv2.remap(image, sample_map(flow, h, w), None, cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def matched(prev: np.ndarray, curr: np.ndarray, flow: np.ndarray, tolerance: float) -> np.ndarray:
+    """bool (h, w): where the previous thumbnail, warped, matches the current one (memory is valid)."""
+    inside = warp(np.full(prev.shape, 255, np.uint8), flow, nearest=True) > 0
+    diff = cv2.absdiff(warp(prev, flow), curr).astype(np.float32) / 255
+    return inside & (cv2.blur(diff, (3, 3)) <= tolerance)
 
 
 class Smoother:
@@ -71,6 +158,7 @@ class Smoother:
     def __init__(self, config: SmoothingConfig | None = None):
         self.config = config or SmoothingConfig()
         self.cuts = 0
+        self.motion = Motion() if self.config.motion else None
         self.reset()
 
     @classmethod
@@ -81,6 +169,7 @@ class Smoother:
         self.ema: np.ndarray | None = None
         self.fov: FieldOfView | None = None
         self.thumb: np.ndarray | None = None
+        self.gray: np.ndarray | None = None  # flow thumbnail of the previous frame
         self.mask: np.ndarray | None = None
 
     def is_cut(self, thumb: np.ndarray, fov: FieldOfView) -> bool:
@@ -94,25 +183,54 @@ class Smoother:
         return float(np.abs(thumb - self.thumb).mean()) > cfg.cut_threshold
 
     def update(self, image: np.ndarray, prob: np.ndarray, fov: FieldOfView) -> tuple[np.ndarray, np.ndarray]:
-        """Source frame (H, W, 3), model-resolution probability (S, S), its field of view ->
+        """Source frame (H, W, 3) RGB or (H, W) grey, model-resolution probability (S, S), its field of view ->
         (smoothed probability at source resolution, bool mask at source resolution)."""
         cfg = self.config
         h, w = image.shape[:2]
+        if image.ndim == 3 and (self.motion or math.isfinite(cfg.cut_threshold)):
+            image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)  # once for both thumbnails
         thumb = thumbnail(image) if math.isfinite(cfg.cut_threshold) else None
         if self.ema is not None and (self.ema.shape != prob.shape or self.mask.shape != (h, w)
                                      or (thumb is not None and self.is_cut(thumb, fov))):
             self.cuts += 1
             self.reset()
         prob = prob.astype(np.float32)
-        self.ema = prob if self.ema is None or cfg.alpha >= 1 else cfg.alpha * prob + (1 - cfg.alpha) * self.ema
-        self.fov, self.thumb = fov, thumb
+        memory, valid, prev_mask = self.ema, None, self.mask
+        gray = flow_gray(image, fov, cfg.flow_size) if self.motion else None
+        if self.motion and memory is not None:
+            memory, valid, prev_mask = self.follow(gray, memory, prev_mask, fov, h, w)
+        if memory is None or cfg.alpha >= 1:
+            self.ema = prob
+        else:
+            blend = cfg.alpha * prob + (1 - cfg.alpha) * memory
+            self.ema = blend if valid is None else np.where(valid, blend, prob)
+        self.fov, self.thumb, self.gray = fov, thumb, gray
         prob_src = to_source(self.ema, fov, h, w)
         mask = prob_src >= cfg.high
-        if self.mask is not None and cfg.low < cfg.high:
-            mask |= self.mask & (prob_src >= cfg.low)
-        mask = remove_small(mask, cfg.min_area * fov.width * fov.height)
+        if prev_mask is not None and cfg.low < cfg.high:
+            mask |= prev_mask & (prob_src >= cfg.low)
+        support = to_source(prob, fov, h, w) >= cfg.high if cfg.support else None
+        mask = remove_small(mask, cfg.min_area * fov.width * fov.height, support)
         self.mask = mask
         return prob_src, mask
+
+    def follow(self, gray: np.ndarray, ema: np.ndarray, prev_mask: np.ndarray, fov: FieldOfView,
+               h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Warp the memory from the previous frame into this one: (EMA at model resolution, where
+        it is valid, the mask at source resolution or None without hysteresis). Pixels whose
+        warped grey value does not match this frame's forget it."""
+        cfg = self.config
+        flow = self.motion.flow(self.gray, gray)
+        valid = matched(self.gray, gray, flow, cfg.mismatch).astype(np.uint8)
+        s = ema.shape[0]
+        ema, ema_valid = warp(ema, flow), cv2.resize(valid, (s, s), interpolation=cv2.INTER_NEAREST) > 0
+        if cfg.low >= cfg.high:  # no hysteresis: the previous mask is not used
+            return ema, ema_valid, None
+        crop = (slice(fov.y0, fov.y1), slice(fov.x0, fov.x1))
+        keep = cv2.resize(valid, (fov.width, fov.height), interpolation=cv2.INTER_NEAREST) > 0
+        moved = np.zeros((h, w), bool)
+        moved[crop] = (warp(prev_mask[crop].astype(np.uint8), flow, nearest=True) > 0) & keep
+        return ema, ema_valid, moved
 
 
 # ---- measurement --------------------------------------------------------------------------------
@@ -124,6 +242,14 @@ def flicker(masks: list[np.ndarray]) -> float:
     return float(np.mean([1 - iou(a, b) for a, b in zip(masks, masks[1:])]))
 
 
+def has_false_positive(mask: np.ndarray, truth: np.ndarray) -> bool:
+    """Does the mask have an 8-connected component that does not touch the true mask (a false alarm)?"""
+    if not mask.any():
+        return False
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    return bool((np.bincount(labels[truth.astype(bool)], minlength=n)[1:] == 0).any())
+
+
 @dataclass(frozen=True)
 class SmoothingReport:
     frames: int
@@ -132,6 +258,8 @@ class SmoothingReport:
     flicker_raw: float
     flicker_smoothed: float
     flicker_truth: float  # the true masks' own frame-to-frame change: motion, not noise
+    fp_raw: float = 0.0  # fraction of frames with a false-positive component
+    fp_smoothed: float = 0.0
 
     def as_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -140,7 +268,8 @@ class SmoothingReport:
 def evaluate_smoothing(frames: Iterable[Frame], predict: Callable[[Frame], tuple[np.ndarray, FieldOfView]],
                        config: SmoothingConfig | None = None, threshold: float = 0.5) -> SmoothingReport:
     """Run `predict(frame) -> (model-resolution prob, fov)` once per frame and score the raw and
-    the smoothed masks against each frame's true mask (mean per-frame Dice) and for flicker."""
+    the smoothed masks against each frame's true mask (mean per-frame Dice, frames with a
+    false-positive component) and for flicker."""
     raw, smooth = Smoother.off(threshold), Smoother(config)
     raw_masks, smooth_masks, truths = [], [], []
     for frame in frames:
@@ -155,4 +284,6 @@ def evaluate_smoothing(frames: Iterable[Frame], predict: Callable[[Frame], tuple
         dice_raw=float(np.mean([dice(m, t) for m, t in zip(raw_masks, truths)])),
         dice_smoothed=float(np.mean([dice(m, t) for m, t in zip(smooth_masks, truths)])),
         flicker_raw=flicker(raw_masks), flicker_smoothed=flicker(smooth_masks), flicker_truth=flicker(truths),
+        fp_raw=float(np.mean([has_false_positive(m, t) for m, t in zip(raw_masks, truths)])),
+        fp_smoothed=float(np.mean([has_false_positive(m, t) for m, t in zip(smooth_masks, truths)])),
     )

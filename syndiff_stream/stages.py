@@ -27,8 +27,8 @@ def is_valid(prob: np.ndarray) -> bool:
 
 
 def default_smoothing(smooth: bool, threshold: float) -> SmoothingConfig | None:
-    """The CLI's smoothing when no profile says otherwise: hysteresis 0.15 below the threshold."""
-    return SmoothingConfig(high=threshold, low=max(threshold - 0.15, 0.0)) if smooth else None
+    """The CLI's smoothing when no profile says otherwise: motion-aware, no hysteresis (docs/runtime.md)."""
+    return SmoothingConfig.at(threshold) if smooth else None
 
 
 class Stages:

@@ -14,6 +14,7 @@ from syndiff_stream.calibration import (ColorSpec, FovSpec, Profile, ProfileErro
                                         read_frames, save_profile)
 from syndiff_stream.cli import app
 from syndiff_stream.frames import Frame
+from syndiff_stream.smoothing import SmoothingConfig
 from syndiff_stream.sources import DemoSource, PseudoVideoSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def test_shipped_default_profile_is_the_runtime_default():
     profile = load_profile(REPO / "calibration" / "default.json")
     assert profile == Profile(name="default", calibrated=profile.calibrated)
     cfg = profile.smoothing_config()
-    assert (cfg.high, cfg.low, cfg.alpha, cfg.min_area) == (0.5, 0.35, 0.6, 0.002)  # as cli.smoothing_config
+    assert cfg == SmoothingConfig.at(0.5)  # as cli.smoothing_config
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])

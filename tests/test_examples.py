@@ -72,3 +72,24 @@ def test_stalled_subscriber(rt_tiny_model_dir, rt_video, rt_endpoint):
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["frames_out"] == report["healthy_received"] == 12 and report["in_order"]
+
+
+def test_measure_smoothing_on_a_tiny_sequence_folder(rt_tiny_model_dir, tmp_path):
+    """CVC-ClinicDB layout (images/N.png, masks/N.png, sequences.csv): two sequences of three frames."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    rows = ["frame,sequence"]
+    for n in range(1, 7):
+        image, mask = np.full((72, 96, 3), 120, np.uint8), np.zeros((72, 96), np.uint8)
+        cv2.circle(image, (30 + 5 * n, 36), 14, (200, 110, 90), -1)
+        cv2.circle(mask, (30 + 5 * n, 36), 14, 255, -1)
+        cv2.imwrite(str(tmp_path / "images" / f"{n}.png"), image)
+        cv2.imwrite(str(tmp_path / "masks" / f"{n}.png"), mask)
+        rows.append(f"{n},{1 + (n > 3)}")
+    (tmp_path / "sequences.csv").write_text("\n".join(rows) + "\n")
+    done = example("measure_smoothing.py", "--cvc", tmp_path, "--kinds", "cvc x1", "--backend", "eager",
+                   "--settings", "off", "default", "--json", tmp_path / "r.json", env_model=rt_tiny_model_dir)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())["cvc x1"]
+    assert report["off"]["frames"] == report["default"]["frames"] == 6
+    assert {"dice", "fp_frames", "flicker", "flicker_truth"} <= set(report["default"])

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from syndiff_stream.preprocess import FieldOfView, find_field_of_view, prepare_mask, to_source
-from syndiff_stream.smoothing import (SmoothingConfig, Smoother, evaluate_smoothing, flicker, remove_small)
+from syndiff_stream.smoothing import (Motion, SmoothingConfig, Smoother, evaluate_smoothing, flicker, flow_gray,
+                                     has_false_positive, matched, remove_small, warp)
 from syndiff_stream.sources import DemoSource
 
 FOV = FieldOfView(0, 0, 32, 32)
@@ -24,7 +25,7 @@ def test_off_is_exactly_the_per_frame_threshold():
 
 
 def test_ema_blends_frames_and_resets_on_a_scene_cut():
-    smoother = Smoother(SmoothingConfig(alpha=0.5, min_area=0))
+    smoother = Smoother(SmoothingConfig(alpha=0.5, min_area=0, motion=False))
     smoother.update(image(100), np.ones((8, 8), np.float32), FOV)
     prob, _ = smoother.update(image(100), np.zeros((8, 8), np.float32), FOV)
     assert np.allclose(prob, 0.5)
@@ -33,7 +34,7 @@ def test_ema_blends_frames_and_resets_on_a_scene_cut():
 
 
 def test_temporal_hysteresis_keeps_pixels_on_between_low_and_high():
-    smoother = Smoother(SmoothingConfig(alpha=1.0, high=0.6, low=0.3, min_area=0))
+    smoother = Smoother(SmoothingConfig(alpha=1.0, high=0.6, low=0.3, min_area=0, support=False))
     p = np.full((8, 8), 0.45, np.float32)
     assert not smoother.update(image(), p, FOV)[1].any()  # never reached high: off
     smoother.update(image(), np.full((8, 8), 0.7, np.float32), FOV)
@@ -61,8 +62,9 @@ def test_config_is_validated():
 
 
 def test_smoothing_lowers_flicker_without_costing_dice():
-    """A jittery per-frame predictor on a moving demo sequence: smoothing must cut flicker and keep
-    Dice within one point (the same measurement `bench --smoothing` reports for a real model)."""
+    """A jittery per-frame predictor on a moving demo sequence: smoothing must cut flicker by more
+    than a third, keep Dice within one point and add no false-positive frames (the same
+    measurement `bench --smoothing` reports for a real model)."""
     frames = list(DemoSource(size=(144, 180), realtime=False, frames=40, seed=3))
     assert sum(f.truth.any() for f in frames) > 30  # polyps in view: a real test of Dice
 
@@ -74,5 +76,108 @@ def test_smoothing_lowers_flicker_without_costing_dice():
 
     report = evaluate_smoothing(frames, jittery, SmoothingConfig())
     assert report.frames == 40
-    assert report.flicker_smoothed < 0.5 * report.flicker_raw
+    assert report.flicker_smoothed < 0.6 * report.flicker_raw
     assert report.dice_smoothed >= report.dice_raw - 0.01
+    assert report.fp_smoothed <= report.fp_raw
+
+
+def test_support_drops_components_the_current_frame_does_not_see():
+    smoother = Smoother(SmoothingConfig(alpha=0.5, high=0.5, low=0.5, min_area=0, motion=False))
+    p = np.zeros((8, 8), np.float32)
+    p[2:6, 2:6] = 1.0
+    assert smoother.update(image(), p, FOV)[1][16, 16]
+    prob, mask = smoother.update(image(), np.zeros((8, 8), np.float32), FOV)
+    assert prob[16, 16] >= 0.5 and not mask.any()  # memory alone (p = 0.5) shows nothing
+
+
+def test_has_false_positive_is_a_component_that_misses_the_truth():
+    truth, mask = np.zeros((20, 20), bool), np.zeros((20, 20), bool)
+    truth[2:8, 2:8] = mask[4:10, 4:10] = True
+    assert not has_false_positive(mask, truth) and not has_false_positive(np.zeros_like(mask), truth)
+    mask[15:18, 15:18] = True
+    assert has_false_positive(mask, truth)
+
+
+# ---- motion ------------------------------------------------------------------------------------
+
+def texture(h=400, w=480, seed=0):
+    rng = np.random.default_rng(seed)
+    t = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), 4)
+    return cv2.normalize(t, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+
+
+def test_warp_with_zero_flow_is_the_identity_at_any_size():
+    flow = np.zeros((24, 24, 2), np.float32)
+    state = np.random.default_rng(1).random((96, 96)).astype(np.float32)
+    assert np.allclose(warp(state, flow), state, atol=1e-5)
+    assert np.array_equal(warp((state > 0.5).astype(np.uint8), flow, nearest=True), (state > 0.5).astype(np.uint8))
+
+
+@pytest.mark.parametrize("dx, dy", [(-20, 12), (9, 0), (0, -15)])
+def test_flow_follows_a_camera_shift_and_warp_moves_the_memory_with_it(dx, dy):
+    tex = texture()
+    prev, curr = tex[60:316, 100:356], tex[60 - dy:316 - dy, 100 - dx:356 - dx]  # content moves by (dx, dy)
+    fov = FieldOfView(0, 0, 256, 256)
+    g0, g1 = flow_gray(prev, fov, 96), flow_gray(curr, fov, 96)
+    flow = Motion().flow(g0, g1)
+    # current pixel x came from x + flow: the content moved by -flow, in thumbnail pixels
+    assert np.allclose(np.median(flow.reshape(-1, 2), axis=0) * 256 / 96, (-dx, -dy), atol=1.5)
+    state = np.zeros((256, 256), np.float32)
+    state[100:140, 110:150] = 1
+    ys, xs = np.nonzero(warp(state, flow) > 0.5)
+    assert abs(xs.mean() - (129.5 + dx)) < 2 and abs(ys.mean() - (119.5 + dy)) < 2
+    assert matched(g0, g1, flow, 0.1).mean() > 0.8  # the same scene, followed: memory stays valid
+
+
+def test_memory_is_forgotten_where_the_warped_frame_does_not_match():
+    tex = texture()[:256, :256]
+    g0 = flow_gray(tex, FieldOfView(0, 0, 256, 256), 96)
+    g1 = g0.copy()
+    g1[:, 48:] = 255  # the right half changed beyond recognition (glare)
+    valid = matched(g0, g1, Motion().flow(g0, g1), 0.1)
+    assert valid[:, :40].mean() > 0.9 and valid[:, 56:].mean() < 0.1
+
+
+def jump_sequence(camera_jump: bool, frames_before=6, frames_after=6, size=(240, 320)):
+    """A textured scene with a polyp (bright disc) whose view jumps across the frame at
+    `frames_before`: either the polyp moves (the scene stays), or the camera jumps (everything moves).
+    Yields (image, model-resolution probability, old position mask, new position mask)."""
+    h, w = size
+    big = cv2.cvtColor(texture(2 * h, 2 * w, seed=4), cv2.COLOR_GRAY2RGB)
+    fov = FieldOfView(0, 0, w, h)
+    for i in range(frames_before + frames_after):
+        after = i >= frames_before
+        img = big[:h, :w].copy() if not (after and camera_jump) else big[h // 2:h // 2 + h, w // 2:w // 2 + w].copy()
+        centre = (w - 70, h - 60) if after else (70, 60)
+        cv2.circle(img, centre, 35, (230, 150, 140), -1)
+        polyp = np.zeros((h, w), np.uint8)
+        cv2.circle(polyp, centre, 35, 1, -1)
+        prob = cv2.GaussianBlur(cv2.resize(polyp.astype(np.float32), (64, 64)), (0, 0), 1.0)
+        old = np.zeros((h, w), bool)
+        cv2.circle(old.view(np.uint8), (70, 60), 35, 1, -1)
+        yield img, np.clip(prob * 1.1, 0, 1), fov, after, old
+
+
+@pytest.mark.parametrize("camera_jump", [False, True], ids=["polyp jumps", "camera jumps"])
+@pytest.mark.parametrize("config", [SmoothingConfig(), SmoothingConfig(support=False)], ids=["default", "motion only"])
+def test_no_ghost_at_the_old_position_after_a_jump(camera_jump, config):
+    """The default shows no mask at the old position from the first frame after the jump (zero
+    frames of hysteresis for a whole polyp); so does the motion warp alone."""
+    smoother = Smoother(config)
+    for img, prob, fov, after, old in jump_sequence(camera_jump):
+        mask = smoother.update(img, prob, fov)[1]
+        assert mask.any()  # the polyp is found, before and after
+        if after:
+            assert not (mask & old).any()
+
+
+def test_the_old_ema_left_a_ghost_after_a_jump():
+    """What issue 15 reported, kept as a check that the jump test above can fail: the previous
+    default (EMA 0.6, hysteresis 0.5/0.35, no motion, no support)."""
+    smoother = Smoother(SmoothingConfig(low=0.35, motion=False, support=False))
+    ghosts = []
+    for img, prob, fov, after, old in jump_sequence(camera_jump=False):
+        mask = smoother.update(img, prob, fov)[1]
+        if after:
+            ghosts.append((mask & old).any())
+    assert ghosts[0]

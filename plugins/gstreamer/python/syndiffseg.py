@@ -43,7 +43,7 @@ class SyndiffSeg(GstBase.BaseTransform):
                     "", GObject.ParamFlags.READWRITE),
         "mode": (str, "mode", "overlay (draw in place) | meta (attach masks as ROI metadata)", "overlay",
                  GObject.ParamFlags.READWRITE),
-        "smooth": (bool, "smooth", "temporal smoothing (EMA, hysteresis, minimum area)", True,
+        "smooth": (bool, "smooth", "temporal smoothing (EMA warped along the optical flow, minimum area)", True,
                    GObject.ParamFlags.READWRITE),
         "device": (str, "device", "cpu | cuda", "cpu", GObject.ParamFlags.READWRITE),
     }
