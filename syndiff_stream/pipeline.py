@@ -1,6 +1,6 @@
 """The streaming graph, wired in one place:
 
-    source -> preprocess -> [frame buffer: recorded | live] -> backend -> smoother -> polyps -> sinks
+    source -> preprocess -> [frame buffer: recorded | live] -> backend -> smoother -> polyps -> gate -> sinks
 
 Three threads overlap the work: decode (source + CPU preprocessing), inference (batches from the
 buffer through the backend; on CUDA, two batches in flight on separate streams; on CPU with ONNX
@@ -26,6 +26,7 @@ import numpy as np
 from .backends import Backend
 from .engine import Prepared, Preprocessor, make_runner
 from .frames import Closed, FrameBuffer, Mode, Result
+from .gating import AlarmGate, GateConfig
 from .postprocess import find_polyps
 from .smoothing import Smoother, SmoothingConfig
 from .sources import Source
@@ -94,11 +95,13 @@ class Pipeline:
     def __init__(self, source: Source, backend: Backend, sinks: Sequence = (), *, mode: Mode | str | None = None,
                  smoothing: SmoothingConfig | None = None, batch_size: int | None = None,
                  buffer_size: int | None = None, max_frames: int | None = None,
-                 preprocess: Preprocessor | None = None, heartbeat_every: float = 1.0):
+                 preprocess: Preprocessor | None = None, heartbeat_every: float = 1.0,
+                 gating: GateConfig | None = None):
         """`smoothing=None` keeps the model's per-frame masks (prob >= threshold); `batch_size`
         defaults to 4 in recorded mode and 1 in live mode (batching adds latency); `preprocess`
         replaces the default stage (e.g. a calibration profile's ProfilePreprocessor); sinks with a
-        `status(dict)` method (the publisher) get the run's state every `heartbeat_every` seconds."""
+        `status(dict)` method (the publisher) get the run's state every `heartbeat_every` seconds;
+        `gating=None` reports every polyp at once (`GateConfig.off()`)."""
         self.mode = Mode(mode) if mode else source.default_mode
         live = self.mode is Mode.LIVE
         self.batch_size = batch_size or (1 if live else 4)
@@ -113,6 +116,7 @@ class Pipeline:
         self.runner = make_runner(backend)
         self.smoother = Smoother(smoothing or SmoothingConfig.off(backend.seg.config.threshold))
         self.find_polyps = find_polyps
+        self.gate = AlarmGate(gating or GateConfig.off())  # reported polyps only; frames pass untouched
         self.sinks = list(sinks)
         # ----------------------------------------------------------------------------------------
         self.backend = backend
@@ -131,7 +135,7 @@ class Pipeline:
         return (f"{self.source.source_id} -> preprocess {self.backend.input_size}px -> {self.mode.value} buffer "
                 f"({self.buffer.capacity}) -> {self.backend.name} on {self.backend.device} (batch {self.batch_size}"
                 f"{f' x {self.runner.depth} in flight' if self.runner.depth > 1 else ''}) "
-                f"-> smoothing {smooth} -> polyps -> {sinks}")
+                f"-> smoothing {smooth} -> polyps -> gating {self.gate.config.describe()} -> {sinks}")
 
     # ---- stage loops ----------------------------------------------------------------------------
     def _decode(self) -> None:
@@ -207,11 +211,16 @@ class Pipeline:
             # mask. Publish an empty mask flagged invalid, and keep it out of the EMA's memory.
             self.stats.invalid += 1
             self.smoother.reset()
+            self.gate.reset()
             empty = np.zeros(frame.shape, np.float32)
             return Result(frame, empty, empty.astype(bool), [], item.fov,
                           time.time() - frame.capture_time, valid=False)
+        cuts = self.smoother.cuts
         prob_src, mask = self.smoother.update(frame.image, prob, item.fov)
+        if self.smoother.cuts != cuts:  # a scene cut: a polyp before it is not the one after it
+            self.gate.reset()
         polyps = self.find_polyps(mask, prob_src)
+        mask, polyps = self.gate.update(mask, polyps)
         return Result(frame, prob_src, mask, polyps, item.fov, time.time() - frame.capture_time)
 
     # ---- run ------------------------------------------------------------------------------------
