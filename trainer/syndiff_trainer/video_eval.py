@@ -572,3 +572,88 @@ def evaluate_clips(clips: list[Clip], backend, settings: EvalSettings = EvalSett
                  "false_alarm_events": len(s["false_alarm_starts"])} for s in scores]
     result = {"summary": summary, "gating_sweep": sweep, "clips": per_clip, "settings": settings.as_dict()}
     return result, runs, scores
+
+
+def open_clips(spec: str, masks: str | Path | None = None, fps: float | None = None, limit: int | None = None,
+               frames_per_image: int = 30) -> tuple[list[Clip], str]:
+    """Clips from the command line's input -> (clips, kind): `pseudo:FOLDER`, a folder with
+    sequences.csv, or a video file with `masks`. Every check runs here, before any inference."""
+    if spec.startswith("pseudo:"):
+        return pseudo_clips(spec[len("pseudo:"):], frames_per_image, fps or 25.0, limit), "pseudo"
+    path = Path(spec)
+    if path.is_dir():
+        if masks is not None:
+            raise EvalInputError(f"{path}: a folder is evaluated by its sequences.csv; --masks goes with a video file")
+        return sequence_clips(path, fps or 25.0, limit), "sequences"
+    if masks is None:
+        raise EvalInputError(f"{path}: a video needs --masks (a folder with one mask per frame)"
+                             if path.exists() else f"{path}: no such file or folder")
+    clip = video_clip(path, masks)
+    if fps:
+        clip.fps = fps
+    return [clip], "video"
+
+
+def _parse_sweep(text: str) -> tuple[int, ...]:
+    values: list[int] = []
+    for part in filter(None, (t.strip() for t in text.split(","))):
+        lo, _, hi = part.partition("-")
+        values += range(int(lo), int(hi or lo) + 1)
+    if any(v < 1 for v in values):
+        raise ValueError("persistence values must be >= 1")
+    return tuple(values)
+
+
+def run_eval_video(source: str, masks=None, fps=None, model=None, backend="auto", device="auto", threads=None,
+                   smooth=True, gate_persist=None, gate_hold=None, polyps="auto", hit_iou=0.1, min_hits=1,
+                   fa_frames=1, sweep="1-8", limit=None, frames_per_image=30, report=None, as_json=False) -> dict:
+    """`syndiff-train eval-video`: check the input, run it through the runtime, print, report."""
+    import json
+    import sys
+
+    import typer
+
+    from syndiff_stream.cli import build_backend, fail, load_model, pick_device
+
+    default = GateConfig()
+    try:
+        gating = GateConfig(persist=default.persist if gate_persist is None else gate_persist,
+                            hold=default.hold if gate_hold is None else gate_hold)
+        persists = _parse_sweep(sweep)
+        clips, kind = open_clips(source, masks, fps, limit, frames_per_image)
+        rules = Rules(hit_iou=hit_iou, min_hits=min_hits, fa_frames=fa_frames,
+                      polyps=("clip" if kind == "sequences" else "overlap") if polyps == "auto" else polyps)
+    except (EvalInputError, ValueError) as exc:
+        fail(str(exc))
+    seg = load_model(model)
+    backend_ = build_backend(seg, backend, pick_device(device), threads)
+    settings = EvalSettings(gating=gating, smooth=smooth, rules=rules, sweep=persists)
+    quiet = as_json
+
+    def progress(i: int, clip: Clip) -> None:
+        if not quiet:
+            print(f"[{i + 1}/{len(clips)}] {clip.name}: {clip.frames} frames at {clip.fps:g} fps", file=sys.stderr)
+
+    try:
+        result, runs, scores = evaluate_clips(clips, backend_, settings, progress)
+    except EvalInputError as exc:
+        fail(str(exc))
+    meta = {"input": source, "input_kind": kind, "clips": len(clips), "checkpoint": str(model or "shipped compact-kvasir"),
+            "backend": backend_.name, "device": str(backend_.device), "threshold": seg.config.threshold}
+    result["settings"] = {**meta, **result["settings"]}
+    if report is not None:
+        from .video_report import write_report
+
+        page = write_report(report, result, runs, scores, meta)
+        print(f"report: {page}", file=sys.stderr)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        s = result["summary"]
+        typer.echo(f"{s['clips']} clips, {s['frames']} frames ({s['minutes']:.2f} min): sensitivity {s['detected']}/"
+                   f"{s['polyps']}, time to first detection median {s['ttd_ms']['median']} ms (worst "
+                   f"{s['ttd_ms']['worst']} ms), {s['false_alarms_per_minute']} false alarms/min, Dice "
+                   f"{s['dice_all']['mean']:.3f} [{s['dice_all']['ci95'][0]:.3f}, {s['dice_all']['ci95'][1]:.3f}], "
+                   f"flicker {s['flicker_pred']} (truth {s['flicker_truth']}), latency p50 "
+                   f"{(s['latency_ms'] or {}).get('p50')} ms")
+    return result
