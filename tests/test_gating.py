@@ -85,3 +85,17 @@ def test_pipeline_gates_the_overlay_never_the_frames(rt_tiny_segmenter):
         assert a.frame.index == b.frame.index and np.array_equal(a.frame.image, b.frame.image)
         assert np.allclose(a.prob, b.prob, atol=1e-4)  # batching may change the last bits
     assert all(not r.mask.any() and not r.polyps for r in gated[:3])  # ... withheld for 3 frames
+
+
+def test_run_gates_from_the_command_line_and_refuses_bad_values(rt_tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from syndiff_stream.cli import app
+
+    args = ["run", "--model", str(rt_tiny_model_dir), "--backend", "eager", "--publish", "", "--max-frames", "3",
+            "--fps", "100", "--quiet"]
+    result = CliRunner().invoke(app, args + ["--gate-persist", "2", "--gate-hold", "1"])
+    assert result.exit_code == 0, result.output
+    assert "gating persist 2, hold 1" in result.output and "frames 3/3" in result.output
+    result = CliRunner().invoke(app, args + ["--gate-persist", "0"])
+    assert result.exit_code == 2 and "persist" in result.output and len(result.output.strip().splitlines()) == 1

@@ -273,6 +273,7 @@ def eval_video(
     min_hits: int = typer.Option(1, help="... and detected when hit in this many consecutive frames"),
     fa_frames: int = typer.Option(1, help="a false alarm lasting this many frames is one event"),
     sweep: str = typer.Option("1-8", help="gating persistence values to trade off (e.g. 1-8 or 1,3,5; '' for none)"),
+    sweep_hold: str = typer.Option("", help="gating hold values for the trade-off, e.g. 0,5 (default: --gate-hold)"),
     limit: Optional[int] = typer.Option(None, help="only the first N sequences / images"),
     frames_per_image: int = typer.Option(30, help="pseudo: frames per still image"),
     report: Optional[Path] = typer.Option(None, help="write a self-contained HTML report (index.html) here"),

@@ -527,16 +527,19 @@ class EvalSettings:
     smooth: bool = True
     rules: Rules = Rules()
     sweep: tuple[int, ...] = tuple(range(1, 9))  # persistence values for the gating trade-off
+    sweep_hold: tuple[int, ...] = ()  # hold values for it (default: the gate's own)
 
     def as_dict(self) -> dict:
         return {"gate_persist": self.gating.persist, "gate_hold": self.gating.hold, "smooth": self.smooth,
-                **asdict(self.rules), "sweep_persist": list(self.sweep)}
+                **asdict(self.rules), "sweep_persist": list(self.sweep),
+                "sweep_hold": list(self.sweep_hold or (self.gating.hold,))}
 
 
-def gating_sweep(runs: list[ClipRun], rules: Rules, hold: int, persists) -> list[dict]:
-    """False alarms per minute vs time to first detection for each persistence N (hold fixed)."""
+def gating_sweep(runs: list[ClipRun], rules: Rules, holds, persists) -> list[dict]:
+    """False alarms per minute vs time to first detection for each hold M and persistence N,
+    replaying the recorded gate input (no model runs)."""
     rows = []
-    for n in persists:
+    for hold, n in ((h, n) for h in holds for n in persists):
         s = summarise([r.score(rules, GateConfig(persist=n, hold=hold)) for r in runs])
         rows.append({"persist": n, "hold": hold, "false_alarms_per_minute": s["false_alarms_per_minute"],
                      "false_alarm_events": s["false_alarm_events"], "sensitivity": s["sensitivity"],
@@ -565,7 +568,8 @@ def evaluate_clips(clips: list[Clip], backend, settings: EvalSettings = EvalSett
     summary = summarise(scores, latency)
     summary["e2e_fps"] = round(sum(r.stats["frames_out"] for r in runs)
                                / max(sum(r.stats["frames_out"] / max(r.stats["e2e_fps"], 1e-9) for r in runs), 1e-9), 2)
-    sweep = gating_sweep(runs, settings.rules, settings.gating.hold, settings.sweep) if settings.sweep else []
+    holds = settings.sweep_hold or (settings.gating.hold,)
+    sweep = gating_sweep(runs, settings.rules, holds, settings.sweep) if settings.sweep else []
     per_clip = [{"name": s["name"], "frames": s["frames"], "dice": round(float(np.mean(s["dice"])), 4),
                  "polyps": len(s["polyps"]), "detected": sum(p["detected"] for p in s["polyps"]),
                  "ttd_frames": [p["ttd_frames"] for p in s["polyps"]],
@@ -606,7 +610,8 @@ def _parse_sweep(text: str) -> tuple[int, ...]:
 
 def run_eval_video(source: str, masks=None, fps=None, model=None, backend="auto", device="auto", threads=None,
                    smooth=True, gate_persist=None, gate_hold=None, polyps="auto", hit_iou=0.1, min_hits=1,
-                   fa_frames=1, sweep="1-8", limit=None, frames_per_image=30, report=None, as_json=False) -> dict:
+                   fa_frames=1, sweep="1-8", sweep_hold="", limit=None, frames_per_image=30, report=None,
+                   as_json=False) -> dict:
     """`syndiff-train eval-video`: check the input, run it through the runtime, print, report."""
     import json
     import sys
@@ -620,6 +625,7 @@ def run_eval_video(source: str, masks=None, fps=None, model=None, backend="auto"
         gating = GateConfig(persist=default.persist if gate_persist is None else gate_persist,
                             hold=default.hold if gate_hold is None else gate_hold)
         persists = _parse_sweep(sweep)
+        holds = tuple(GateConfig(hold=int(h)).hold for h in sweep_hold.split(",") if h.strip())
         clips, kind = open_clips(source, masks, fps, limit, frames_per_image)
         rules = Rules(hit_iou=hit_iou, min_hits=min_hits, fa_frames=fa_frames,
                       polyps=("clip" if kind == "sequences" else "overlap") if polyps == "auto" else polyps)
@@ -627,7 +633,7 @@ def run_eval_video(source: str, masks=None, fps=None, model=None, backend="auto"
         fail(str(exc))
     seg = load_model(model)
     backend_ = build_backend(seg, backend, pick_device(device), threads)
-    settings = EvalSettings(gating=gating, smooth=smooth, rules=rules, sweep=persists)
+    settings = EvalSettings(gating=gating, smooth=smooth, rules=rules, sweep=persists, sweep_hold=holds)
     quiet = as_json
 
     def progress(i: int, clip: Clip) -> None:

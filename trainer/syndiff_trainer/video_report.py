@@ -64,21 +64,22 @@ def timeline_png(score: dict) -> bytes:
     return _fig_png(fig)
 
 
-def sweep_png(rows: list[dict], chosen: int | None = None) -> bytes:
-    """False alarms per minute against median time to first detection, one point per persistence N."""
+def sweep_png(rows: list[dict], chosen: tuple[int, int] | None = None) -> bytes:
+    """False alarms per minute against median time to first detection: one curve per hold M, one
+    point per persistence N; the chosen setting in red."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ttd = [r["ttd_ms_median"] if r["ttd_ms_median"] is not None else np.nan for r in rows]
-    worst = [r["ttd_ms_worst"] if r["ttd_ms_worst"] is not None else np.nan for r in rows]
-    fa = [r["false_alarms_per_minute"] for r in rows]
-    ax.plot(ttd, fa, "o-", color="tab:blue", label="median time to first detection")
-    ax.plot(worst, fa, "s--", color="tab:gray", alpha=0.7, label="worst")
-    for r, t in zip(rows, ttd):
-        ax.annotate(f"N={r['persist']}", (t, r["false_alarms_per_minute"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8, color="tab:red" if r["persist"] == chosen else "black")
-    ax.set_xlabel("time to first detection (ms)")
+    for hold in sorted({r["hold"] for r in rows}):
+        sub = [r for r in rows if r["hold"] == hold]
+        ttd = [np.nan if r["ttd_ms_median"] is None else r["ttd_ms_median"] for r in sub]
+        fa = [r["false_alarms_per_minute"] for r in sub]
+        ax.plot(ttd, fa, "o-", label=f"hold {hold}")
+        for r, t in zip(sub, ttd):
+            ax.annotate(f"N={r['persist']}", (t, r["false_alarms_per_minute"]), textcoords="offset points",
+                        xytext=(4, 3), fontsize=7, color="tab:red" if (r["persist"], hold) == chosen else "black")
+    ax.set_xlabel("median time to first detection (ms)")
     ax.set_ylabel("false-alarm events per minute")
-    ax.set_title(f"alarm gating: persist N frames, hold {rows[0]['hold']}" if rows else "alarm gating", fontsize=10)
+    ax.set_title("alarm gating: report from the Nth frame, hold M frames", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _fig_png(fig)
@@ -130,7 +131,7 @@ def write_report(out: str | Path, result: dict, runs: list, scores: list[dict], 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     s = result["summary"]
-    chosen = result["settings"]["gate_persist"]
+    chosen = (result["settings"]["gate_persist"], result["settings"]["gate_hold"])
     parts = [f"<h1>Clinical video evaluation — {html.escape(meta.get('input', ''))}</h1>",
              "<h2>Summary</h2>", _table([[label, s.get(key)] for key, label in SUMMARY_ROWS], ["metric", "value"])]
     if result["gating_sweep"]:
