@@ -78,7 +78,7 @@ CURVE_SECRET_HELP = "encrypt with CURVE: the publisher's .key_secret file from `
 CURVE_ALLOW_HELP = "with --curve-secret: accept only clients whose .key files are in this folder"
 GATE_PERSIST_HELP = ("alarm gating: report (draw, publish) a polyp from its Nth consecutive frame; 1: at once "
                      "(default: the profile's, else 3)")
-GATE_HOLD_HELP = "alarm gating: keep a reported polyp M frames after it vanishes (default: the profile's, else 5)"
+GATE_HOLD_HELP = "alarm gating: keep a reported polyp M frames after it vanishes (default: the profile's, else 0)"
 RECONNECT_HELP = ("network/device sources: after a disconnect, reconnect with backoff for up to this many "
                   "seconds, then stop; 0: stop at once")
 

@@ -29,7 +29,7 @@ from .postprocess import Polyp
 @dataclass(frozen=True)
 class GateConfig:
     persist: int = 3  # frames a polyp must be seen in a row before it is reported (1: at once)
-    hold: int = 5  # frames a reported polyp stays reported after it vanishes (0: drop at once)
+    hold: int = 0  # frames a reported polyp stays reported after it vanishes (0: drop at once)
 
     def __post_init__(self):
         if self.persist < 1 or self.hold < 0:

@@ -74,7 +74,7 @@ def sweep_png(rows: list[dict], chosen: tuple[int, int] | None = None) -> bytes:
         ttd = [np.nan if r["ttd_ms_median"] is None else r["ttd_ms_median"] for r in sub]
         fa = [r["false_alarms_per_minute"] for r in sub]
         ax.plot(ttd, fa, "o-", label=f"hold {hold}")
-        for r, t in zip(sub, ttd):
+        for r, t in zip(sub, ttd if chosen is None or hold == chosen[1] else []):  # label one curve
             ax.annotate(f"N={r['persist']}", (t, r["false_alarms_per_minute"]), textcoords="offset points",
                         xytext=(4, 3), fontsize=7, color="tab:red" if (r["persist"], hold) == chosen else "black")
     ax.set_xlabel("median time to first detection (ms)")
