@@ -218,3 +218,11 @@ def test_report_renders_with_its_plots_in_headless_chromium(tmp_path, rt_tiny_mo
     assert coloured.sum() > 2000, "no plots visible in the rendered report"
     rows = np.flatnonzero(coloured.sum(axis=1) > 20)
     assert len(rows) and rows.max() - rows.min() > 200  # several plots, not one stray strip
+
+
+def test_a_video_without_polyps_scores_with_no_undefined_numbers():
+    s = summarise([score([EMPTY] * 4, [EMPTY, disc(20), EMPTY, EMPTY])])
+    assert s["polyps"] == 0 and s["sensitivity"] is None and s["ttd_ms"]["median"] is None
+    assert s["dice_positive"] == {"mean": None, "ci95": [None, None], "frames": 0}
+    assert s["fp_rate_polyp_free_frames"] == 0.25 and s["false_alarm_events"] == 1
+    json.dumps(s, allow_nan=False)  # strict JSON

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -312,7 +311,7 @@ class ClipScorer:
             self.truth_links.parent[0] = 0
         else:
             t_labels, t_ids = self.truth_links.step(truth)
-        p_count, p_labels = cv2.connectedComponents(shown.astype(np.uint8), connectivity=8)
+        _, p_labels = cv2.connectedComponents(shown.astype(np.uint8), connectivity=8)
         for k, track in enumerate(t_ids, start=1):
             comp = t_labels == k
             self.truth_frames.setdefault(track, []).append(i)
@@ -334,7 +333,7 @@ class ClipScorer:
 
     def result(self) -> dict:
         truth = self._merged(self.truth_links, self.truth_frames)
-        hits = self._merged(self.truth_links, {t: f for t, f in self.hit_frames.items()})
+        hits = self._merged(self.truth_links, self.hit_frames)
         polyps = []
         for track, frames in sorted(truth.items(), key=lambda kv: kv[1][0]):
             runs = [r for r in _runs(hits.get(track, [])) if r[1] >= self.rules.min_hits]
@@ -358,12 +357,12 @@ class ClipScorer:
         }
 
 
-def bootstrap_ci(groups: list[list[float]], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ci(groups: list[list[float]], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple:
     """Mean of all values and its 95 % percentile interval, resampling whole groups (clips) with
-    replacement; with a single group, resampling its values."""
+    replacement; with a single group, resampling its values. No values: (None, None, None)."""
     groups = [np.asarray(g, float) for g in groups if len(g)]
     if not groups:
-        return math.nan, math.nan, math.nan
+        return None, None, None
     mean = float(np.concatenate(groups).mean())
     rng = np.random.default_rng(seed)
     if len(groups) == 1:

@@ -96,6 +96,8 @@ def gallery_png(image: np.ndarray, truth: np.ndarray, shown: np.ndarray) -> byte
 
 def _fmt(v) -> str:
     if isinstance(v, dict) and "mean" in v and "ci95" in v:
+        if v["mean"] is None:
+            return "—"
         return f"{v['mean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
     if isinstance(v, dict):
         return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items())
