@@ -13,7 +13,8 @@ at <= 6 frames of delay. This stage does the same on the smoothed mask's polyps:
 
 Gating changes only what is reported and drawn (`Result.mask`, `Result.polyps`): the frame itself,
 its probability map and its timing pass through untouched, so the video is never held back.
-`GateConfig.off()` (N = 1, M = 0) is the identity.
+`GateConfig.off()` (N = 1, M = 0) is the identity. The defaults (N = 3, M = 0) come from the
+trade-off measured with `syndiff-train eval-video` on CVC-ClinicDB (docs/evaluation.md).
 """
 
 from __future__ import annotations
