@@ -183,6 +183,18 @@ def test_eval_video_command_json_and_report(tmp_path, rt_tiny_model_dir):
     assert page.count("data:image/png;base64,") >= 4 and "://" not in page  # nothing to fetch (":" is not base64)
 
 
+def test_eval_video_takes_a_calibration_profile_like_run(tmp_path, rt_tiny_model_dir):
+    from syndiff_stream.calibration import Profile, save_profile
+
+    data = write_sequences(tmp_path / "d", (5,))
+    profile = save_profile(Profile(threshold=0.3, gating={"persist": 4, "hold": 1}), tmp_path / "p.json")
+    res = CliRunner().invoke(app, ["eval-video", str(data), "--model", str(rt_tiny_model_dir), "--backend", "eager",
+                                   "--device", "cpu", "--profile", str(profile), "--sweep", "", "--json"])
+    assert res.exit_code == 0, res.output
+    settings = json.loads(res.stdout.strip().splitlines()[-1])["settings"]
+    assert (settings["gate_persist"], settings["gate_hold"], settings["threshold"]) == (4, 1, 0.3)
+
+
 def test_eval_video_bad_input_is_one_line_before_any_work(tmp_path):
     data = write_sequences(tmp_path / "d")
     (data / "sequences.csv").write_text("frame,sequence\n1,1\n42,1\n")

@@ -40,7 +40,6 @@ import numpy as np
 from syndiff_stream.frames import Frame
 from syndiff_stream.gating import AlarmGate, GateConfig
 from syndiff_stream.metrics import dice, iou
-from syndiff_stream.smoothing import flicker
 from syndiff_stream.sources import Source
 
 GALLERY_SIZE = 8  # worst frames kept for the report
@@ -502,13 +501,12 @@ class ClipRun:
         return scorer.result()
 
 
-def run_clip(clip: Clip, backend, smoothing=None, gating: GateConfig | None = None,
-             batch_size: int | None = None) -> ClipRun:
-    """Play one clip through the runtime's `Pipeline` (recorded mode: every frame, in order)."""
+def run_clip(clip: Clip, backend, stages: dict | None = None, batch_size: int | None = None) -> ClipRun:
+    """Play one clip through the runtime's `Pipeline` (recorded mode: every frame, in order);
+    `stages`: its smoothing, gating and preprocess arguments (`syndiff_stream.cli.profile_stages`)."""
     from syndiff_stream.pipeline import Pipeline
 
-    pipeline = Pipeline(clip.open(), backend, mode="recorded", smoothing=smoothing, gating=gating,
-                        batch_size=batch_size)
+    pipeline = Pipeline(clip.open(), backend, mode="recorded", batch_size=batch_size, **(stages or {}))
     tap = pipeline.gate = _GateTap(pipeline.gate)
     recorder = _Recorder(clip.name, tap)
     pipeline.sinks.append(recorder)
@@ -549,17 +547,17 @@ def gating_sweep(runs: list[ClipRun], rules: Rules, holds, persists) -> list[dic
 
 
 def evaluate_clips(clips: list[Clip], backend, settings: EvalSettings = EvalSettings(),
-                   on_clip: Callable[[int, Clip], None] | None = None) -> tuple[dict, list[ClipRun], list[dict]]:
-    """Run every clip through the runtime and score it -> (JSON-ready result, runs, per-clip scores)."""
-    from syndiff_stream.smoothing import SmoothingConfig
+                   on_clip: Callable[[int, Clip], None] | None = None,
+                   profile=None) -> tuple[dict, list[ClipRun], list[dict]]:
+    """Run every clip through the runtime, with the stages `run` builds (smoothing, gating and a
+    calibration profile's preprocessing), and score it -> (JSON-ready result, runs, clip scores)."""
+    from syndiff_stream.cli import profile_stages
 
-    threshold = backend.seg.config.threshold
-    smoothing = SmoothingConfig(high=threshold, low=max(threshold - 0.15, 0.0)) if settings.smooth else None
     runs, scores = [], []
     for i, clip in enumerate(clips):
         if on_clip:
             on_clip(i, clip)
-        run = run_clip(clip, backend, smoothing, settings.gating)
+        run = run_clip(clip, backend, profile_stages(profile, backend, settings.smooth, settings.gating))
         runs.append(run)
         scores.append(run.score(settings.rules))
     lat = np.asarray([x for r in runs for x in r.latencies]) * 1000
@@ -608,7 +606,7 @@ def _parse_sweep(text: str) -> tuple[int, ...]:
 
 
 def run_eval_video(source: str, masks=None, fps=None, model=None, backend="auto", device="auto", threads=None,
-                   smooth=True, gate_persist=None, gate_hold=None, polyps="auto", hit_iou=0.1, min_hits=1,
+                   profile=None, smooth=True, gate_persist=None, gate_hold=None, polyps="auto", hit_iou=0.1, min_hits=1,
                    fa_frames=1, sweep="1-8", sweep_hold="", limit=None, frames_per_image=30, report=None,
                    as_json=False) -> dict:
     """`syndiff-train eval-video`: check the input, run it through the runtime, print, report."""
@@ -617,12 +615,11 @@ def run_eval_video(source: str, masks=None, fps=None, model=None, backend="auto"
 
     import typer
 
-    from syndiff_stream.cli import build_backend, fail, load_model, pick_device
+    from syndiff_stream.cli import build_backend, fail, gating_config, load_model, pick_device, read_profile
 
-    default = GateConfig()
+    profile_ = read_profile(profile)
+    gating = gating_config(profile_, gate_persist, gate_hold)
     try:
-        gating = GateConfig(persist=default.persist if gate_persist is None else gate_persist,
-                            hold=default.hold if gate_hold is None else gate_hold)
         persists = _parse_sweep(sweep)
         holds = tuple(GateConfig(hold=int(h)).hold for h in sweep_hold.split(",") if h.strip())
         clips, kind = open_clips(source, masks, fps, limit, frames_per_image)
@@ -640,11 +637,12 @@ def run_eval_video(source: str, masks=None, fps=None, model=None, backend="auto"
             print(f"[{i + 1}/{len(clips)}] {clip.name}: {clip.frames} frames at {clip.fps:g} fps", file=sys.stderr)
 
     try:
-        result, runs, scores = evaluate_clips(clips, backend_, settings, progress)
+        result, runs, scores = evaluate_clips(clips, backend_, settings, progress, profile_)
     except EvalInputError as exc:
         fail(str(exc))
     meta = {"input": source, "input_kind": kind, "clips": len(clips), "checkpoint": str(model or "shipped compact-kvasir"),
-            "backend": backend_.name, "device": str(backend_.device), "threshold": seg.config.threshold}
+            "profile": str(profile) if profile else None,
+            "backend": backend_.name, "device": str(backend_.device), "threshold": profile_.threshold if profile_ else seg.config.threshold}
     result["settings"] = {**meta, **result["settings"]}
     if report is not None:
         from .video_report import write_report
