@@ -121,6 +121,15 @@ def test_sequences_become_clips_in_frame_order(tmp_path):
     assert [f.index for f in frames] == list(range(5)) and np.array_equal(frames[0].truth, disc(20))
 
 
+def test_pseudo_video_is_one_clip_per_still_with_moving_true_masks(tmp_path):
+    write_sequences(tmp_path / "d", (3,))
+    clips, kind = open_clips(f"pseudo:{tmp_path / 'd'}", frames_per_image=4, limit=2)
+    assert kind == "pseudo" and [(c.frames, c.fps) for c in clips] == [(4, 25.0), (4, 25.0)]
+    frames = list(clips[1].open())
+    assert len(frames) == 4 and all(f.truth is not None and f.truth.any() for f in frames)
+    assert frames[0].image.shape == (288, 384, 3)
+
+
 def test_bad_sequences_are_one_line_errors_naming_the_file(tmp_path):
     root = write_sequences(tmp_path / "d")
     (root / "sequences.csv").write_text("frame,sequence\n1,1\n99,1\n")
