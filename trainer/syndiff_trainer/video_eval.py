@@ -42,7 +42,7 @@ from syndiff_stream.gating import AlarmGate, GateConfig
 from syndiff_stream.metrics import dice, iou
 from syndiff_stream.sources import Source
 
-GALLERY_SIZE = 8  # worst frames kept for the report
+GALLERY_SIZE = 8  # the report shows the worst frame of each of the worst clips
 BOOTSTRAP_SAMPLES = 1000
 
 
@@ -447,7 +447,7 @@ class _GateTap:
 class _Recorder:
     """A sink: true and shown masks per frame (PNG-compressed), and the worst frames' images."""
 
-    def __init__(self, name: str, tap: _GateTap, keep: int = GALLERY_SIZE):
+    def __init__(self, name: str, tap: _GateTap, keep: int = 1):
         self.name, self.tap, self.keep = name, tap, keep
         self.truth: list[bytes] = []
         self.shown: list[bytes] = []
@@ -464,7 +464,8 @@ class _Recorder:
         if truth.any() or result.mask.any():
             d = dice(result.mask, truth)
             self.worst.append((d, result.frame.index, result.frame.image, truth, result.mask.copy()))
-            self.worst = sorted(self.worst, key=lambda w: w[0])[: self.keep]
+            # Lowest Dice first; among equals, a wrong outline shown tells more than a miss.
+            self.worst = sorted(self.worst, key=lambda w: (w[0], not w[4].any()))[: self.keep]
 
     def close(self) -> None:
         pass

@@ -12,6 +12,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .video_eval import GALLERY_SIZE
+
 TRUTH_RGB = (40, 200, 60)  # outlines in the gallery: truth green ...
 PRED_RGB = (255, 210, 0)  # ... prediction yellow
 
@@ -90,7 +92,7 @@ def gallery_png(image: np.ndarray, truth: np.ndarray, shown: np.ndarray) -> byte
     out = image.copy()
     for mask, colour in ((truth, TRUTH_RGB), (shown, PRED_RGB)):
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(out, contours, -1, colour, max(1, image.shape[0] // 150), lineType=cv2.LINE_AA)
+        cv2.drawContours(out, contours, -1, colour, max(2, image.shape[0] // 150), lineType=cv2.LINE_AA)
     return cv2.imencode(".png", cv2.cvtColor(out, cv2.COLOR_RGB2BGR))[1].tobytes()
 
 
@@ -150,7 +152,8 @@ def write_report(out: str | Path, result: dict, runs: list, scores: list[dict], 
                           c["false_alarm_events"]] for c in result["clips"]],
                         ["clip", "frames", "Dice", "polyps", "detected", "TTD (frames)", "false alarms"]))
     parts += ['<div class="timelines">'] + [_img(timeline_png(sc), f"timeline {sc['name']}") for sc in scores] + ["</div>"]
-    worst = sorted(((w, run.clip.name) for run in runs for w in run.worst), key=lambda t: t[0][0])[:8]
+    # The worst frame of each clip, worst first: one long bad stretch must not fill the gallery.
+    worst = sorted(((run.worst[0], run.clip.name) for run in runs if run.worst), key=lambda t: t[0][0])[:GALLERY_SIZE]
     if worst:
         parts.append("<h2>Worst frames</h2><p>Green: truth. Yellow: what the overlay showed.</p><div class=gallery>")
         for (d, index, image, truth, shown), name in worst:
