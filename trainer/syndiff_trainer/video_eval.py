@@ -14,10 +14,11 @@ Metrics, on what the overlay shows (the gated mask), with the rules stated:
   per polyp     a truth polyp is a track of true-mask components linked frame to frame by pixel
                 overlap (or, with `polyps="clip"`, every true pixel of a clip that shows one
                 polyp, as each CVC-ClinicDB sequence does: its frames are too far apart for the
-                masks of consecutive frames to overlap reliably); it is hit in a frame when the predicted components touching it have
-                IoU >= `hit_iou` (0.1) with it, and detected when hit in >= `min_hits` consecutive
-                frames; time to first detection = first frame of that run - its first annotated
-                frame, in frames and in ms at the clip's frame rate; sensitivity = detected / polyps;
+                masks of consecutive frames to overlap reliably); it is hit in a frame when the
+                predicted components touching it have IoU >= `hit_iou` (0.1) with it, and
+                detected when hit in >= `min_hits` consecutive frames; time to first detection =
+                first frame of that run - its first annotated frame, in frames and in ms at the
+                clip's frame rate; sensitivity = detected / polyps;
   false alarms  predicted components touching no truth pixel, linked frame to frame by overlap;
                 a track lasting >= `fa_frames` frames is one event; events per minute of video;
                 and the share of polyp-free frames with any prediction;
