@@ -21,6 +21,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .model import Segmenter
@@ -63,6 +64,10 @@ class Backend:
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def infer_numpy(self, batch: torch.Tensor) -> np.ndarray:
+        """(N, 3, S, S) on any device -> probabilities (N, S, S) as float32 numpy on the host."""
+        return self.infer(batch.to(self.device))[:, 0].float().cpu().numpy()
+
     def warmup(self, batch_sizes=(1,)) -> None:
         """Run once per batch size so lazy compilation and allocation happen before timing."""
         for n in batch_sizes:
@@ -70,14 +75,22 @@ class Backend:
 
 
 class EagerBackend(Backend):
+    """The PyTorch module as is; `timestep` and `steps` (DDIM passes, for comparison) are only
+    here, where no graph is fixed by export or compilation."""
+
     name = "eager"
 
-    def __init__(self, seg: Segmenter, device="cpu"):
+    def __init__(self, seg: Segmenter, device="cpu", timestep: int | None = None, steps: int = 1):
         super().__init__(seg.to(device), device)
+        if steps < 1:
+            raise BackendError(f"--steps must be >= 1, got {steps}")
+        self.timestep, self.steps = timestep, steps
 
     @torch.inference_mode()
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.seg.predict_proba(batch)
+        if self.steps > 1:
+            return self.seg.predict_proba_multistep(batch, self.steps)
+        return self.seg.predict_proba(batch, self.timestep)
 
 
 class CompileBackend(Backend):
@@ -239,7 +252,9 @@ class TensorRTBackend(Backend):
         super().__init__(seg.to(device), device)
         self.max_batch = max_batch
         if engine_path is not None:  # an exported program written by `syndiff-stream export`
-            self.module = torch_tensorrt.load(str(engine_path)).module()
+            # torch.export.load only: torch_tensorrt.load tries TorchScript (pickle) first. Importing
+            # torch_tensorrt above registers the TensorRT ops the program calls.
+            self.module = torch.export.load(str(engine_path)).module()
             return
         s = self.input_size
         inputs = [torch_tensorrt.Input(min_shape=(1, 3, s, s), opt_shape=(max_batch, 3, s, s),
@@ -251,6 +266,30 @@ class TensorRTBackend(Backend):
     @torch.inference_mode()
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.module(c).float() for c in batch.split(self.max_batch)])
+
+
+def pick_device(name: str) -> str:
+    """cpu | cuda | cuda:N | auto (cuda when torch sees a GPU) -> the device to run on; the one
+    copy of device choice (the CLI's --device, plugins, the device check)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise BackendError(f"--device {name!r}: choose cpu, cuda or auto")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise BackendError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
+    return name
+
+
+def resolve_backend(name: str, device: str) -> str:
+    """`auto` -> the fastest backend installed for `device` (tensorrt on CUDA, onnx on CPU, else
+    eager); any other name unchanged."""
+    import importlib.util
+
+    if name != "auto":
+        return name
+    if torch.device(device).type == "cuda":
+        return "tensorrt" if importlib.util.find_spec("torch_tensorrt") else "eager"
+    return "onnx" if importlib.util.find_spec("onnxruntime") else "eager"
 
 
 def make_backend(name: str, seg: Segmenter, device: str = "cpu", threads: int | None = None, **kwargs) -> Backend:

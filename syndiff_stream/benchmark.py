@@ -23,6 +23,7 @@ from .preprocess import prepare
 from .publish import Publisher
 from .smoothing import SmoothingConfig, evaluate_smoothing
 from .sources import Source
+from .stages import Stages
 
 
 def device_name(device: torch.device) -> str:
@@ -36,14 +37,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(seg: Segmenter, x: torch.Tensor, steps: int, repeats: int = 1) -> float:
-    """Frames per second of `steps`-step inference, one frame at a time, after one warm-up call."""
+def time_steps(seg: Segmenter, x: torch.Tensor, steps: int, repeats: int = 1, warmup: bool = True) -> float:
+    """Frames per second of `steps`-step inference, one frame at a time (after one warm-up call)."""
     device = x.device
 
     def once(frame):
         return seg.predict_proba(frame) if steps == 1 else seg.predict_proba_multistep(frame, steps)
 
-    once(x[:1])
+    if warmup:
+        once(x[:1])
     sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
@@ -53,24 +55,37 @@ def time_steps(seg: Segmenter, x: torch.Tensor, steps: int, repeats: int = 1) ->
     return repeats * len(x) / (time.perf_counter() - start)
 
 
-def compare_step_counts(seg: Segmenter, source: Source, steps: int, frames: int = 3) -> dict:
-    """Single step vs `steps`-step DDIM on the same frames, both eager PyTorch, in this run."""
+def compare_step_counts(seg: Segmenter, source: Source, steps: int, frames: int = 3, rounds: int = 5) -> dict:
+    """Single step vs `steps`-step DDIM on the same frames, both eager PyTorch, in this run.
+
+    Both are warmed up, then timed in `rounds` interleaved rounds (load that comes and goes on a
+    shared machine hits both alike); the speedup is the median of the rounds' ratios, reported
+    with their range, so a reader sees how far one number can be trusted."""
     size = seg.config.image_size
     images = [f.image for f in islice(source, frames)]
     source.close()
     if not images:
         raise ValueError("the source gave no frames to compare on")
+    if rounds < 1:
+        raise ValueError(f"--compare-rounds must be >= 1, got {rounds}")
     device = next(seg.parameters()).device
     x = torch.from_numpy(np.stack([prepare(im, size)[0] for im in images])).to(device)
-    single = time_steps(seg, x, 1, repeats=5)
-    multi = time_steps(seg, x, steps)
-    return {"compare_steps": steps, "compare_backend": "eager", "single_step_fps": round(single, 2),
-            "multistep_fps": round(multi, 3), "speedup": round(single / multi, 2)}
+    time_steps(seg, x[:1], 1, repeats=2)  # warm-up of both paths, untimed
+    time_steps(seg, x[:1], steps, warmup=False)
+    single, multi = [], []
+    for _ in range(rounds):
+        single.append(time_steps(seg, x, 1, repeats=5, warmup=False))
+        multi.append(time_steps(seg, x, steps, warmup=False))
+    ratios = np.array(single) / np.array(multi)
+    return {"compare_steps": steps, "compare_backend": "eager", "compare_frames": len(images),
+            "compare_repeats": rounds, "single_step_fps": round(float(np.median(single)), 2),
+            "multistep_fps": round(float(np.median(multi)), 3), "speedup": round(float(np.median(ratios)), 2),
+            "speedup_range": [round(float(ratios.min()), 2), round(float(ratios.max()), 2)]}
 
 
 def run_benchmark(seg: Segmenter, backend: Backend, make_source: Callable[[], Source], frames: int = 200,
                   mode: Mode | None = None, batch_size: int | None = None, compare_steps: int = 0,
-                  compare_frames: int = 3, smoothing: SmoothingConfig | None = None) -> dict:
+                  compare_frames: int = 3, compare_rounds: int = 5, smoothing: SmoothingConfig | None = None) -> dict:
     """One JSON-ready dict; `make_source` is called once per measurement (each needs fresh frames)."""
     source = make_source()
     pipeline = Pipeline(source, backend, [Publisher("tcp://127.0.0.1:*")], mode=mode,
@@ -85,13 +100,13 @@ def run_benchmark(seg: Segmenter, backend: Backend, make_source: Callable[[], So
         **stats.as_dict(), "torch_threads": torch.get_num_threads(),
     }
     if compare_steps:
-        report.update(compare_step_counts(seg, make_source(), compare_steps, compare_frames))
+        report.update(compare_step_counts(seg, make_source(), compare_steps, compare_frames, compare_rounds))
     if smoothing is not None:
-        size = backend.input_size
+        stages = Stages(backend)  # the pipeline's preprocess and runner, one frame at a time
 
         def predict(frame):
-            x, fov = prepare(frame.image, size)
-            return backend.infer(torch.from_numpy(x[None]).to(backend.device))[0, 0].cpu().numpy(), fov
+            item = stages.preprocess(frame)
+            return stages.infer([item])[0], item.fov
 
         report["smoothing"] = evaluate_smoothing(islice(make_source(), frames), predict, smoothing,
                                                  seg.config.threshold).as_dict()

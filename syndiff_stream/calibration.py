@@ -389,7 +389,7 @@ def calibrate_profile(frames: Sequence[Frame], predict: Callable[[np.ndarray], n
         fovs = [fov.field_of_view(f.image) for f in frames]
         options = {}
         for spec in (ColorSpec(), color):
-            probs = _predict_frames(frames, fovs, spec, predict, size)
+            probs = _predict_frames(frames, fov, spec, predict, size)
             t, score = _best_threshold(frames, probs, fovs)
             options[spec.method] = (score, t, probs)
         # Identity unless the correction measurably helps: it is the safer default.
@@ -408,12 +408,17 @@ def calibrate_profile(frames: Sequence[Frame], predict: Callable[[np.ndarray], n
                    calibrated=report)
 
 
-def _predict_frames(frames, fovs, color: ColorSpec, predict, size: int, batch: int = 8) -> list[np.ndarray]:
+def _predict_frames(frames, fov: FovSpec, color: ColorSpec, predict, size: int, batch: int = 8) -> list[np.ndarray]:
+    """Model-resolution probabilities through the run-time preprocess stage (this profile's field
+    of view and colour) and the stage chain's guard: NaN/inf output counts as an empty mask, as
+    the pipeline publishes it."""
+    from .stages import is_valid
+
+    preprocess = ProfilePreprocessor(size, Profile(fov=fov, color=color))
     probs = []
     for start in range(0, len(frames), batch):
-        x = np.stack([prepare(color.apply(f.image), size, fov)[0]
-                      for f, fov in zip(frames[start:start + batch], fovs[start:start + batch])])
-        probs.extend(predict(x))
+        x = np.stack([preprocess(f).x for f in frames[start:start + batch]])
+        probs.extend(p if is_valid(p) else np.zeros_like(p, np.float32) for p in predict(x))
     return probs
 
 

@@ -40,31 +40,29 @@ def predict(
     timestep: Optional[int] = typer.Option(None, help="inference timestep (default: the model's)"),
     steps: int = typer.Option(1, help="U-Net passes: 1 = single step; more = DDIM, for comparison"),
 ):
-    """Segment still images: writes a mask PNG and an overlay PNG per image."""
-    import cv2
-    import torch
+    """Segment still images: writes a mask PNG and an overlay PNG per image.
 
-    from .datasets import DatasetError, read_image
-    from .overlay import render_overlay
-    from .preprocess import prepare, to_source
+    An image that cannot be read is reported and skipped; the others are still done (exit 2 at
+    the end, naming the ones skipped)."""
+    from .backends import BackendError, EagerBackend
+    from .stills import segment_stills
 
     seg = load_model(model)
-    out.mkdir(parents=True, exist_ok=True)
-    size = seg.config.image_size
-    for path in images:
-        try:
-            frame = read_image(path)
-        except DatasetError as exc:
-            fail(str(exc))
-        x, fov = prepare(frame, size)
-        x = torch.from_numpy(x)[None]
-        prob = seg.predict_proba(x, timestep) if steps == 1 else seg.predict_proba_multistep(x, steps)
-        mask = to_source(prob[0, 0].numpy(), fov, *frame.shape[:2]) >= seg.config.threshold
-        cv2.imwrite(str(out / f"{path.stem}_mask.png"), mask.astype("uint8") * 255)
-        overlay = render_overlay(frame, mask)
-        cv2.imwrite(str(out / f"{path.stem}_overlay.png"), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
-        typer.echo(f"{path}: polyp area {mask.mean() * 100:.1f}% -> {out / (path.stem + '_mask.png')}")
-
+    try:
+        backend = EagerBackend(seg, "cpu", timestep=timestep, steps=steps)
+        out.mkdir(parents=True, exist_ok=True)
+    except (BackendError, OSError) as exc:
+        fail(str(exc))
+    failed = []
+    for path, result in segment_stills(images, backend, out):
+        if isinstance(result, str):
+            typer.secho(f"{path}: skipped: {result}", err=True, fg=typer.colors.YELLOW)  # unreadable or unwritable
+            failed.append(str(path))
+        else:
+            flag = "" if result.valid else "  (model output had NaN/inf: no answer, mask left empty)"
+            typer.echo(f"{path}: polyp area {result.mask.mean() * 100:.1f}% -> {out / (path.stem + '_mask.png')}{flag}")
+    if failed:
+        fail(f"{len(failed)} of {len(images)} images could not be read or written: {', '.join(failed)}")
 
 
 # ---- streaming runtime: run, batch, bench, view -------------------------------------------------
@@ -79,25 +77,25 @@ CURVE_ALLOW_HELP = "with --curve-secret: accept only clients whose .key files ar
 GATE_PERSIST_HELP = ("alarm gating: report (draw, publish) a polyp from its Nth consecutive frame; 1: at once "
                      "(default: the profile's, else 3)")
 GATE_HOLD_HELP = "alarm gating: keep a reported polyp M frames after it vanishes (default: the profile's, else 0)"
+RELIABLE_HELP = ("also bind this ZeroMQ endpoint for ONE consumer that gets every frame exactly once, in "
+                 "order (PUSH/PULL; Subscriber(reliable=True)); the run waits for it, up to 60 s without progress")
 RECONNECT_HELP = ("network/device sources: after a disconnect, reconnect with backoff for up to this many "
                   "seconds, then stop; 0: stop at once")
 
 
 def pick_device(device: str) -> str:
-    import torch
+    from .backends import BackendError
+    from .backends import pick_device as choose
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        fail(f"--device {device!r}: choose cpu, cuda or auto")
-    return device
+    try:
+        return choose(device)
+    except BackendError as exc:
+        fail(str(exc))
 
 
 def build_backend(seg, backend: str, device: str, threads: Optional[int] = None, engine: Optional[Path] = None):
     """Backend by name, with `auto` resolved and errors as one line; `engine`: an exported file."""
-    import importlib.util
-
-    from .backends import BackendError, make_backend
+    from .backends import BackendError, make_backend, resolve_backend
 
     if engine is not None:
         from .export import open_engine
@@ -107,11 +105,7 @@ def build_backend(seg, backend: str, device: str, threads: Optional[int] = None,
         except BackendError as exc:
             fail(str(exc))
 
-    if backend == "auto":
-        if device == "cuda":
-            backend = "tensorrt" if importlib.util.find_spec("torch_tensorrt") else "eager"
-        else:
-            backend = "onnx" if importlib.util.find_spec("onnxruntime") else "eager"
+    backend = resolve_backend(backend, device)
     if backend == "onnx":
         from .backends import cache_dir, model_hash
 
@@ -144,12 +138,6 @@ def check_mode(mode: Optional[str]):
         fail(f"--mode {mode!r}: choose recorded or live")
 
 
-def smoothing_config(smooth: bool, threshold: float):
-    from .smoothing import SmoothingConfig
-
-    return SmoothingConfig(high=threshold, low=max(threshold - 0.15, 0.0)) if smooth else None
-
-
 def stats_line(stats) -> str:
     d = stats.as_dict()
     lat = d["latency_ms"]
@@ -157,7 +145,7 @@ def stats_line(stats) -> str:
                      if d[name])
     return (f"frames {d['frames_out']}/{d['frames']}  e2e {d['e2e_fps']:.1f} fps  model {d['model_fps']:.1f} fps  "
             f"decode {d['decode_fps']:.1f} fps  latency p50 {lat['p50']:.0f} / p99 {lat['p99']:.0f} ms  "
-            f"dropped {d['dropped']}  publish dropped {d['publish_dropped']}" + faults
+            f"dropped {d['dropped']}" + faults
             + (f"  source lost after {d['disconnected_s']:.0f} s disconnected" if d["source_lost"] else ""))
 
 
@@ -201,9 +189,11 @@ def run_pipeline(pipeline, on_progress=None, stopper: Optional[StopOnSignal] = N
 
     if stopper is not None:
         stopper.pipeline = pipeline
+    from .publish import ConsumerStalled
+
     try:
         return pipeline.run(on_progress=on_progress, progress_every=0.25)
-    except SourceError as exc:
+    except (SourceError, ConsumerStalled) as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot write output: {exc}")
@@ -231,6 +221,7 @@ def run(
     encoding: str = typer.Option("png", help="mask payload: raw | png | rle"),
     publish_overlay: bool = typer.Option(False, help="also publish JPEG overlays on the 'overlay' topic"),
     wait_subscribers: int = typer.Option(0, help="wait for this many subscribers before the first frame"),
+    reliable: str = typer.Option("", help=RELIABLE_HELP),
     overlay: Optional[Path] = typer.Option(None, help="write an overlay video here (.mp4)"),
     masks: Optional[Path] = typer.Option(None, help="write one mask PNG per frame into this folder"),
     jsonl: Optional[Path] = typer.Option(None, help="write one JSON line per frame here"),
@@ -261,7 +252,8 @@ def run(
     from rich.live import Live
 
     from .pipeline import Pipeline
-    from .publish import Publisher
+    from .publish import Publisher, ReliableSender
+    from .stages import Stages
     from .sinks import JsonlSink, MaskFolderSink, OverlayVideoSink
 
     console = Console(stderr=True)
@@ -279,6 +271,10 @@ def run(
         makers.append(("--publish", lambda: Publisher(publish, encoding=encoding, overlay=publish_overlay,
                                                       allow_remote=allow_remote, curve_secret=curve_secret,
                                                       curve_allow=curve_allow)))
+    if reliable:
+        makers.append(("--reliable", lambda: ReliableSender(reliable, encoding=encoding, overlay=publish_overlay,
+                                                            allow_remote=allow_remote, curve_secret=curve_secret,
+                                                            curve_allow=curve_allow)))
     if overlay:
         makers.append(("--overlay", lambda: OverlayVideoSink(overlay, fps=src.fps or 30.0)))
     if masks:
@@ -293,15 +289,18 @@ def run(
     if publish and wait_subscribers and not sinks[0].wait_for_subscribers(wait_subscribers, timeout=60):
         fail(f"--wait-subscribers {wait_subscribers}: not enough subscribers on {publish} within 60 s")
     pipeline = Pipeline(src, backend_, sinks, mode=mode_, batch_size=batch, max_frames=max_frames,
-                        **profile_stages(profile_, backend_, smooth, gating))
-    console.print(pipeline.describe())
+                        stages=Stages.for_profile(backend_, profile_, smooth, gating))
+    console.print(pipeline.describe(), soft_wrap=True)
     with StopOnSignal() as stopper:
-        if quiet:
+        if quiet or not console.is_terminal:  # piped: no redrawn status line, just the final one
             stats = run_pipeline(pipeline, stopper=stopper)
         else:
             with Live(console=console, refresh_per_second=4, transient=True) as live:
                 stats = run_pipeline(pipeline, lambda st: live.update(stats_line(st)), stopper=stopper)
-    console.print(stats_line(stats) + ("  (interrupted)" if stats.interrupted else ""))
+    console.print(stats_line(stats) + ("  (interrupted)" if stats.interrupted else ""), soft_wrap=True)
+    if pipeline.mode.value == "live" and stats.dropped:
+        console.print(f"live mode drops by design: the newest frame wins when the model ({stats.as_dict()['model_fps']:.1f} "
+                      "fps) is slower than the source; --mode recorded processes every frame", soft_wrap=True)
 
 
 @app.command()
@@ -321,23 +320,16 @@ def batch(
     An unreadable input is reported and skipped (exit 2 at the end); SIGINT/SIGTERM stop cleanly
     (exit 130/143) and a rerun resumes with the unfinished input.
     """
-    import json
-    import shutil
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .frames import Mode
-    from .pipeline import Pipeline
-    from .sinks import JsonlSink, MaskFolderSink, OverlayVideoSink
-    from .sources import SourceError, open_source
+    from .batch import BatchError, is_done, plan, process_recording
+    from .sources import SourceError
+    from .stages import default_smoothing
 
-    for path in inputs:
-        if not path.exists():
-            fail(f"input {path} does not exist")
-    names = [p.stem if p.is_file() else p.name for p in inputs]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        fail(f"two inputs would write to the same folder {out / dup}; rename one")
+    try:
+        pairs = plan(inputs, out)
+    except BatchError as exc:
+        fail(str(exc))
     dev = pick_device(device)
     seg = load_model(model)
     engine = build_backend(seg, backend, dev)
@@ -347,46 +339,37 @@ def batch(
         fail(f"--out {out}: {exc}")
     failed = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  TextColumn("{task.fields[status]}")) as progress, StopOnSignal() as stopper:
-        for path, name in zip(inputs, names):
+                  TextColumn("{task.fields[status]}")) as progress, \
+            StopOnSignal() as stopper:
+        for path, final in pairs:
             if stopper.signum:  # a signal between two inputs
                 raise typer.Exit(stopper.exit_code)
-            final, work = out / name, out / f".{name}.partial"
-            if (final / ".done").is_file():
-                progress.add_task(name, total=1, completed=1, status="done earlier, skipped")
+            if is_done(final):
+                progress.add_task(final.name, total=1, completed=1, status="done earlier, skipped")
                 continue
-            task = progress.add_task(name, total=None, status="")
-            try:  # a broken recording is reported and the batch goes on with the others
-                src = open_source(str(path))
-                progress.update(task, total=len(src) or None)
-                shutil.rmtree(work, ignore_errors=True)
-                makers = [("masks", lambda: MaskFolderSink(work / "masks")),
-                          ("frames.jsonl", lambda: JsonlSink(work / "frames.jsonl"))]
-                if overlay:
-                    makers.append(("overlay.mp4", lambda: OverlayVideoSink(work / "overlay.mp4", fps=src.fps or 30.0)))
-                pipeline = Pipeline(src, engine, open_sinks(makers), mode=Mode.RECORDED,
-                                    smoothing=smoothing_config(smooth, seg.config.threshold))
+            task = progress.add_task(final.name, total=None, status="")
+
+            def started(pipeline, frames, task=task):
                 stopper.pipeline = pipeline
-                stats = pipeline.run(lambda st: progress.update(task, completed=st.frames_out), progress_every=0.25)
+                progress.update(task, total=frames or None)
+
+            try:  # a missing or broken recording is reported and the batch goes on with the others
+                stats = process_recording(path, final, engine, default_smoothing(smooth, seg.config.threshold),
+                                          overlay, on_start=started,
+                                          on_progress=lambda st, task=task: progress.update(task, completed=st.frames_out))
             except SourceError as exc:
-                progress.update(task, status="failed")
+                progress.update(task, status="failed, skipped")
                 failed.append(str(exc))
-                shutil.rmtree(work, ignore_errors=True)
                 continue
             except OSError as exc:
                 fail(f"cannot write output: {exc}")
             if stats.interrupted:
                 progress.update(task, status="interrupted: rerun to resume")
                 raise typer.Exit(stopper.exit_code)
-            # Finished files first, then .done, then one rename: the folder appears complete or not at all.
-            (work / "summary.json").write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
-            (work / ".done").write_text("")
-            shutil.rmtree(final, ignore_errors=True)
-            work.rename(final)
             progress.update(task, total=stats.frames_out, completed=stats.frames_out,
                             status=f"{stats.as_dict()['e2e_fps']:.1f} fps -> {final}")
     if failed:
-        fail(f"{len(failed)} of {len(inputs)} inputs failed: " + "; ".join(failed))
+        fail(f"{len(failed)} of {len(inputs)} inputs could not be read and were skipped: " + "; ".join(failed))
 
 
 @app.command()
@@ -404,6 +387,8 @@ def bench(
                                                "default: unpaced"),
     compare_steps: int = typer.Option(0, help="also time T-step DDIM on the same frames (e.g. 50)"),
     compare_frames: int = typer.Option(3, help="frames for the T-step comparison"),
+    compare_rounds: int = typer.Option(5, help="interleaved timing rounds of the comparison: the speedup is "
+                                       "their median, `speedup_range` their spread"),
     smoothing: bool = typer.Option(False, help="also report Dice and flicker with and without smoothing (needs true masks)"),
     json_out: bool = typer.Option(False, "--json", help="print only one JSON object"),
     engine: Optional[Path] = typer.Option(None, help=ENGINE_HELP),
@@ -412,6 +397,7 @@ def bench(
     import json
 
     from .benchmark import run_benchmark
+    from .stages import default_smoothing
 
     if frames < 1:
         fail("--frames must be >= 1")
@@ -424,7 +410,8 @@ def bench(
     try:
         report = run_benchmark(seg, backend_, lambda: open_input(source, realtime=source_fps is not None, fps=source_fps), frames=frames, mode=mode_, batch_size=batch,
                                compare_steps=compare_steps, compare_frames=compare_frames,
-                               smoothing=smoothing_config(True, seg.config.threshold) if smoothing else None)
+                               compare_rounds=compare_rounds,
+                               smoothing=default_smoothing(True, seg.config.threshold) if smoothing else None)
     except ValueError as exc:
         fail(str(exc))
     if json_out:
@@ -453,6 +440,9 @@ def view(
                         curve_secret=curve_secret, curve_server=curve_server)
     except (ViewerError, ValueError) as exc:
         fail(str(exc))
+    if n == 0:
+        fail(f"nothing received from {endpoint} in {timeout:g} s: is a publisher running there?"
+             + (f" ({out} not written)" if out else ""))
     typer.echo(f"{n} frames" + (f" -> {out}" if out else ""))
 
 
@@ -490,6 +480,7 @@ def soak(
     import json
 
     from .soak import run_soak
+    from .stages import default_smoothing
 
     if minutes <= 0 or sample_every <= 0:
         fail("--minutes and --sample-every must be > 0")
@@ -498,7 +489,7 @@ def soak(
     backend_ = build_backend(seg, backend, dev)
     src = open_input(source, fps=fps, realtime=True, reconnect_timeout=30.0)
     with StopOnSignal() as stopper:  # Ctrl-C ends the soak early, with its report
-        report = run_soak(src, backend_, minutes, sample_every, smoothing_config(True, seg.config.threshold),
+        report = run_soak(src, backend_, minutes, sample_every, default_smoothing(True, seg.config.threshold),
                           on_sample=lambda s: typer.secho(json.dumps(s), err=True),
                           on_start=lambda pipeline: setattr(stopper, "pipeline", pipeline))
     text = json.dumps(report)
@@ -542,17 +533,6 @@ def gating_config(profile=None, persist: Optional[int] = None, hold: Optional[in
         return GateConfig(persist=base.persist if persist is None else persist, hold=base.hold if hold is None else hold)
     except ValueError as exc:
         fail(f"--gate-persist/--gate-hold: {exc}")
-
-
-def profile_stages(profile, backend, smooth: bool, gating=None) -> dict:
-    """Pipeline keyword arguments: the profile's preprocess stage and smoothing, or the defaults;
-    `gating` (from `gating_config`) as given (None: off)."""
-    from .calibration import ProfilePreprocessor
-
-    if profile is None:
-        return {"smoothing": smoothing_config(smooth, backend.seg.config.threshold), "gating": gating}
-    return {"smoothing": profile.smoothing_config(smooth), "gating": gating,
-            "preprocess": ProfilePreprocessor(backend.input_size, profile, on_device=backend.device.type == "cuda")}
 
 
 @app.command()
@@ -613,7 +593,7 @@ def calibrate(
     try:
         frames_, manifest = read_frames(frames, masks, limit=max_frames)
         profile = calibrate_profile(
-            frames_, lambda x: engine.infer(torch.from_numpy(x).to(engine.device))[:, 0].cpu().numpy(),
+            frames_, lambda x: engine.infer_numpy(torch.from_numpy(x)),
             seg.config.image_size, name=name, scope=scope, site=site, manifest=manifest if int8_frames else (),
             int8_frames=int8_frames, flicker_weight=flicker_weight, default_threshold=seg.config.threshold)
     except ProfileError as exc:

@@ -35,11 +35,22 @@ class Pair:
         return self.image.stem
 
 
+def _imread(path: str | Path, what: str) -> np.ndarray:
+    """The file decoded as it is stored; read here and decoded in memory, so a missing file is one
+    DatasetError, without OpenCV's own warning line on stderr first."""
+    try:
+        buf = np.fromfile(str(path), np.uint8)
+    except OSError as exc:
+        raise DatasetError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    data = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    if data is None:
+        raise DatasetError(f"cannot read {what} {path}: empty or not an image")
+    return data
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Any image file -> RGB uint8 (H, W, 3); grayscale, RGBA and 16-bit files are converted."""
-    data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if data is None:
-        raise DatasetError(f"cannot read image {path}: missing, empty or not an image")
+    data = _imread(path, "image")
     if data.dtype != np.uint8:
         data = (data.astype(np.float32) * (255.0 / max(float(np.iinfo(data.dtype).max), 1.0))).astype(np.uint8) \
             if np.issubdtype(data.dtype, np.integer) else np.clip(data * 255, 0, 255).astype(np.uint8)
@@ -52,15 +63,13 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def read_mask(path: str | Path) -> np.ndarray:
     """Any mask file -> bool (H, W); white (> 127 in any channel) is polyp."""
-    data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if data is None:
-        raise DatasetError(f"cannot read mask {path}: missing, empty or not an image")
+    data = _imread(path, "mask")
     if data.dtype != np.uint8:
         data = (data > 0).astype(np.uint8) * 255 if data.max() <= 1 else (data >> 8).astype(np.uint8) \
             if data.dtype == np.uint16 else (data > 0.5).astype(np.uint8) * 255
     if data.ndim == 3:
         data = data[..., :3].max(axis=2)
-    elif data.max() == 1:  # 0/1 label maps
+    if data.max() == 1:  # 0/1 label maps, single- or three-channel
         data = data * 255
     return data > MASK_THRESHOLD
 
@@ -92,7 +101,8 @@ def pair_folders(image_dir: Path, mask_dir: Path | None, skip_unpaired: bool = F
     if unpaired and not skip_unpaired:
         example = images.get(unpaired[0]) or masks[unpaired[0]]
         raise DatasetError(f"{len(unpaired)} unpaired file(s), e.g. {example}; "
-                           "pass skip_unpaired (--skip-unpaired) to leave them out")
+                           "leave them out with skip_unpaired = true on the recipe's data source "
+                           "(or --skip-unpaired for eval and predict)")
     return [Pair(images[s], masks[s]) for s in sorted(set(images) & set(masks))]
 
 

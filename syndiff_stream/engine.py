@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .backends import Backend
 from .frames import Frame
-from .preprocess import FieldOfView, find_field_of_view, prepare
+from .preprocess import FieldOfView, find_field_of_view, prepare, to_model_range
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def prepare_on_device(images: torch.Tensor, fovs: Sequence[FieldOfView], size: i
     for image, fov in zip(images, fovs):
         crop = image[fov.y0:fov.y1, fov.x0:fov.x1].permute(2, 0, 1)[None].float()
         out.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
-    return torch.cat(out) * (1 / 127.5) - 1.0
+    return to_model_range(torch.cat(out))
 
 
 class Done:
@@ -76,7 +76,7 @@ class HostRunner:
         self.pool = ThreadPoolExecutor(self.depth, thread_name_prefix="infer") if self.depth > 1 else None
 
     def _run(self, x: torch.Tensor) -> np.ndarray:
-        return self.backend.infer(x.to(self.backend.device))[:, 0].cpu().numpy()
+        return self.backend.infer_numpy(x)
 
     def submit(self, items: Sequence[Prepared]) -> Done | Future:
         x = torch.from_numpy(np.stack([item.x for item in items]))

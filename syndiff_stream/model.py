@@ -7,46 +7,83 @@ Structure, as in the papers:
 Training: z_t = sqrt(a_t) z0 + sqrt(1 - a_t) n; loss = L1(n, n~) + lambda * L1(z0, z0~).
 Inference: ONE U-Net pass at a fixed timestep from seeded Gaussian noise, decode with D.
 
-Two deviations from the paper are configurable, and on by default in the `compact` preset
+Three deviations from the paper are configurable, and on by default in the `compact` preset
 because without them a small model trained from scratch stays near Dice 0.3 (see docs/model.md):
   * prediction_type="v_prediction": the U-Net predicts v, from which n~ and z0~ both follow
     with bounded coefficients. With epsilon prediction z0~ = (z_t - sqrt(1-a) n~) / sqrt(a)
     multiplies every error in n~ by 1/sqrt(a) ~ 39 at t = 999, where single-step inference runs.
     The loss is unchanged: L1 on the noise plus lambda * L1 on the latent.
-  * timestep_sampling="focused": half the training draws use the inference timestep, the rest
+  * timestep_sampling="focused": 3 in 4 training draws use the inference timestep, the rest
     stay U(1, 1000), so the one timestep used at inference is not 1/1000 of the training signal.
+  * mask_loss_weight=1: soft Dice + BCE on the decoded mask D(z0~), through the frozen decoder,
+    added to the paper's two terms: a latent close in L1 can still decode to an empty mask.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.models.autoencoders.vae import Encoder
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import atomic_path
+
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-TIMESTEP_SAMPLINGS = ("uniform", "focused")
 MASK_LOGIT_SCALE = 4.0  # decoder output ~[-1, 1] -> logits; 0 stays the decision boundary
+
+
+def soft_dice(prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample soft Dice of probabilities against a 0/1 mask, (N, C, H, W) -> (N,), smoothed by
+    1 so two empty masks score 1 (the metric's empty-mask policy, metrics.py). The one copy: the
+    mask loss here and the trainer's mask autoencoder both use it."""
+    inter = (prob * mask).sum((1, 2, 3))
+    return (2 * inter + 1) / (prob.sum((1, 2, 3)) + mask.sum((1, 2, 3)) + 1)
+
+
+def tversky_focal_loss(logits: torch.Tensor, mask: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """(1 - soft Tversky) + focal BCE, per-sample means averaged. beta weighs missed polyp pixels."""
+    prob = torch.sigmoid(logits)
+    tp = (prob * mask).sum((1, 2, 3))
+    fn = ((1 - prob) * mask).sum((1, 2, 3))
+    fp = (prob * (1 - mask)).sum((1, 2, 3))
+    tversky = (tp + 1) / (tp + beta * fn + (1 - beta) * fp + 1)
+    bce = F.binary_cross_entropy_with_logits(logits, mask, reduction="none")
+    p_true = torch.where(mask > 0.5, prob, 1 - prob)
+    return (1 - tversky).mean() + ((1 - p_true) ** gamma * bce).mean()
 
 
 class CheckpointError(ValueError):
     """A checkpoint folder that is missing, corrupt or does not match its config."""
 
 
-@dataclass
-class SegmenterConfig:
+def validation_message(exc: ValidationError) -> str:
+    """One line naming the first offending key: `unknown key 'optim.lrr'`, `steps: ... (got 'abc')`."""
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {key!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    got = f" (got {value!r})" if err["type"] != "missing" and not isinstance(value, (dict, list)) else ""
+    return f"{key}: {msg}{got}" if key else msg
+
+
+class SegmenterConfig(BaseModel):
+    """Every architectural and diffusion knob; saved as config.json beside the weights."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
     preset: str = "compact"
     image_size: int = 256
     # Mask autoencoder (frozen in stage 2). The paper feeds the mask as 3 channels into SD's VAE.
@@ -81,25 +118,32 @@ class SegmenterConfig:
     num_train_timesteps: int = 1000
     beta_start: float = 0.0015
     beta_end: float = 0.0155
-    prediction_type: str = "v_prediction"
-    timestep_sampling: str = "focused"
-    focus_prob: float = 0.5
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+    timestep_sampling: Literal["uniform", "focused"] = "focused"
+    focus_prob: float = 0.75
     inference_timestep: int = 999
     latent_loss_weight: float = 1.0  # lambda
-    mask_loss_weight: float = 0.0  # optional Dice + BCE loss on D(z0~); 0 keeps the paper's loss
+    mask_loss_weight: float = 1.0  # Dice + BCE on D(z0~) (docs/model.md); 0 is the paper's loss
+    # dice_bce: soft Dice + BCE. tversky_focal: soft Tversky (a missed polyp pixel weighs
+    # tversky_beta, a false one 1 - tversky_beta) + focal BCE (gamma): both weigh small, hard polyps
+    # more than Dice + BCE, where a small polyp is a small share of the pixels.
+    mask_loss_type: Literal["dice_bce", "tversky_focal"] = "dice_bce"
+    tversky_beta: float = 0.7
+    focal_gamma: float = 2.0
     threshold: float = 0.5
     noise_seed: int = 0
+    # Test-time augmentation: average the probability of the frame and of its mirror image. One
+    # batch of twice the frames through the U-Net, so about twice the model time; every backend
+    # (eager, compiled, ONNX, TensorRT) runs it, since it is part of predict_proba.
+    tta_flip: bool = False
 
-    def __post_init__(self):
-        for name in ("vae_block_out_channels", "encoder_block_out_channels", "unet_block_out_channels",
-                     "unet_down_block_types", "unet_up_block_types"):
-            setattr(self, name, tuple(getattr(self, name)))
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
-        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
-            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {self.timestep_sampling!r}")
+    @model_validator(mode="after")
+    def _check(self) -> "SegmenterConfig":
         if not 0 <= self.inference_timestep < self.num_train_timesteps:
             raise ValueError(f"inference_timestep must be in [0, {self.num_train_timesteps}), got {self.inference_timestep}")
+        if not 0 <= self.focus_prob <= 1:
+            raise ValueError(f"focus_prob must be in [0, 1], got {self.focus_prob}")
+        return self
 
     @property
     def latent_size(self) -> int:
@@ -107,16 +151,31 @@ class SegmenterConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SegmenterConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise CheckpointError(f"config has unknown fields {sorted(unknown)} (written by a newer version?)")
-        return cls(**data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise CheckpointError(f"model config: {validation_message(exc)}") from None
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def scheduler(self) -> DDPMScheduler:
+        """The training noise schedule (SDSeg's linear betas) as diffusers' DDPMScheduler."""
+        return DDPMScheduler(num_train_timesteps=self.num_train_timesteps, beta_start=self.beta_start,
+                             beta_end=self.beta_end, beta_schedule="linear", prediction_type=self.prediction_type,
+                             clip_sample=False)
 
 
 def preset_config(name: str, **overrides) -> SegmenterConfig:
     """`compact`: <= 5M parameters for CPU and edge. `sd`: paper scale, SD's VAE architecture.
     `tiny`: for tests."""
+    try:
+        return _preset_config(name, **overrides)
+    except ValidationError as exc:
+        raise ValueError(f"preset {name!r}: {validation_message(exc)}") from None
+
+
+def _preset_config(name: str, **overrides) -> SegmenterConfig:
     if name == "compact":
         return SegmenterConfig(**overrides)
     if name == "sd":
@@ -195,8 +254,8 @@ class Segmenter(nn.Module):
             layers_per_block=cfg.unet_layers_per_block, norm_num_groups=cfg.unet_norm_num_groups,
             attention_head_dim=cfg.unet_attention_head_dim,
         )
-        betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps, dtype=torch.float64)
-        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float(), persistent=False)
+        self.scheduler = cfg.scheduler()
+        self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(), persistent=False)
         gen = torch.Generator().manual_seed(cfg.noise_seed)
         noise = torch.randn(1, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=gen)
         self.register_buffer("inference_noise", noise, persistent=False)
@@ -252,16 +311,20 @@ class Segmenter(nn.Module):
         z_c = self.vision_encoder(image)
         return self.unet(torch.cat([z_c, z_t], 1), t).sample
 
-    def training_losses(self, image, mask, generator: torch.Generator | None = None, z0=None) -> dict:
-        """The paper's loss: L1(n, n~) + lambda * L1(z0, z0~) (+ optional Dice on the decoded mask)."""
+    def training_losses(self, image, mask, generator: torch.Generator | None = None, z0=None, t=None,
+                        noise=None) -> dict:
+        """The paper's loss: L1(n, n~) + lambda * L1(z0, z0~) (+ optional Dice on the decoded mask).
+
+        `t` and `noise` are drawn from `generator` unless given (tests pass them to check the formula)."""
         cfg = self.config
         if z0 is None:
             with torch.no_grad():
                 z0 = self.encode_mask(mask)
-        t = self.sample_timesteps(image.shape[0], generator)
-        noise = torch.randn(z0.shape, generator=generator).to(z0)
-        sa, s1a = self._coeffs(t)
-        z_t = sa * z0 + s1a * noise
+        if t is None:
+            t = self.sample_timesteps(image.shape[0], generator)
+        if noise is None:
+            noise = torch.randn(z0.shape, generator=generator).to(z0)
+        z_t = self.scheduler.add_noise(z0, noise, t)
         noise_hat, z0_hat = self.estimates(self(image, z_t, t), z_t, t)
         loss_noise = F.l1_loss(noise_hat, noise)
         loss_latent = F.l1_loss(z0_hat, z0)
@@ -272,10 +335,10 @@ class Segmenter(nn.Module):
             # mask. A sigmoid of the raw output (not the clamped probability) keeps a gradient on
             # every pixel, also on a missed polyp far below the threshold.
             logits = MASK_LOGIT_SCALE * self.decode_raw(z0_hat)
-            prob = torch.sigmoid(logits)
-            inter = (prob * mask).sum((1, 2, 3))
-            dice = (2 * inter + 1) / (prob.sum((1, 2, 3)) + mask.sum((1, 2, 3)) + 1)
-            losses["mask"] = (1 - dice).mean() + F.binary_cross_entropy_with_logits(logits, mask)
+            if cfg.mask_loss_type == "dice_bce":
+                losses["mask"] = (1 - soft_dice(torch.sigmoid(logits), mask)).mean() + F.binary_cross_entropy_with_logits(logits, mask)
+            else:
+                losses["mask"] = tversky_focal_loss(logits, mask, cfg.tversky_beta, cfg.focal_gamma)
             loss = loss + cfg.mask_loss_weight * losses["mask"]
         losses["loss"] = loss
         return losses
@@ -293,7 +356,11 @@ class Segmenter(nn.Module):
     @torch.no_grad()
     def predict_proba(self, image: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """Image (B,3,H,W) in [-1, 1] -> polyp probability (B,1,H,W)."""
-        return self.decode_latent(self.predict_latent(image, timestep))
+        if not self.config.tta_flip:
+            return self.decode_latent(self.predict_latent(image, timestep))
+        b = image.shape[0]
+        prob = self.decode_latent(self.predict_latent(torch.cat([image, image.flip(-1)]), timestep))
+        return (prob[:b] + prob[b:].flip(-1)) / 2
 
     @torch.no_grad()
     def predict_proba_multistep(self, image: torch.Tensor, steps: int) -> torch.Tensor:
@@ -320,13 +387,11 @@ class Segmenter(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"format_version": FORMAT_VERSION, "class": "Segmenter",
-                  "config": dataclasses.asdict(self.config), **(extra or {})}
+                  "config": self.config.to_dict(), **(extra or {})}
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp_w, tmp_c = directory / (WEIGHTS_NAME + ".tmp"), directory / (CONFIG_NAME + ".tmp")
-        save_file(state, str(tmp_w), metadata={"format_version": str(FORMAT_VERSION)})
-        tmp_c.write_text(json.dumps(config, indent=2) + "\n")
-        tmp_w.replace(directory / WEIGHTS_NAME)
-        tmp_c.replace(directory / CONFIG_NAME)
+        with atomic_path(directory / WEIGHTS_NAME) as tmp_w, atomic_path(directory / CONFIG_NAME) as tmp_c:
+            save_file(state, str(tmp_w), metadata={"format_version": str(FORMAT_VERSION)})
+            tmp_c.write_text(json.dumps(config, indent=2) + "\n")
         return directory
 
     @classmethod
@@ -375,8 +440,8 @@ def read_checkpoint_config(directory: str | Path) -> SegmenterConfig:
                               f"this syndiff-stream reads version {FORMAT_VERSION}")
     try:
         return SegmenterConfig.from_dict(data["config"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path}: invalid config ({exc})") from None
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
 
 
 def default_checkpoint_path() -> Path:
@@ -398,4 +463,4 @@ def init_from_sd_vae(model: Segmenter, vae_dir: str | Path) -> None:
         w, b = vae.quant_conv.weight[:c], vae.quant_conv.bias[:c]
         model.vision_encoder.proj.weight.copy_(w * vae.config.scaling_factor)
         model.vision_encoder.proj.bias.copy_(b * vae.config.scaling_factor)
-    model.config.latent_scaling_factor = vae.config.scaling_factor
+    model.config.latent_scaling_factor = float(vae.config.scaling_factor)

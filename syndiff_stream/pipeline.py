@@ -26,10 +26,10 @@ import numpy as np
 from .backends import Backend
 from .engine import Prepared, Preprocessor, make_runner
 from .frames import Closed, FrameBuffer, Mode, Result
-from .gating import AlarmGate, GateConfig
-from .postprocess import find_polyps
-from .smoothing import Smoother, SmoothingConfig
+from .gating import GateConfig
+from .smoothing import SmoothingConfig
 from .sources import Source
+from .stages import Stages
 
 LATENCY_WINDOW = 10_000  # latency percentiles over the most recent frames: memory stays flat
 _END = object()
@@ -43,7 +43,6 @@ class Stats:
     frames_in: int = 0  # frames taken from the source
     frames_out: int = 0  # results through every stage
     dropped: int = 0  # frames dropped by the live buffer
-    publish_dropped: int = 0  # messages a full subscriber queue refused
     decode_s: float = 0.0  # time in the source (decoding / rendering), without live pacing
     preprocess_s: float = 0.0
     model_s: float = 0.0  # time inside the backend (wall time of the inference stage on CUDA)
@@ -79,7 +78,7 @@ class Stats:
             "e2e_fps": self._rate(self.frames_out, self.wall_s),
             "latency_ms": self._percentiles(self.latencies),
             "model_call_ms": self._percentiles(self.model_latencies),
-            "dropped": self.dropped, "publish_dropped": self.publish_dropped, "scene_cuts": self.scene_cuts,
+            "dropped": self.dropped, "scene_cuts": self.scene_cuts,
             "skipped": self.skipped, "invalid": self.invalid, "reconnects": self.reconnects,
             "disconnected_s": round(self.disconnected_s, 3), "source_lost": self.source_lost,
         }
@@ -96,27 +95,27 @@ class Pipeline:
                  smoothing: SmoothingConfig | None = None, batch_size: int | None = None,
                  buffer_size: int | None = None, max_frames: int | None = None,
                  preprocess: Preprocessor | None = None, heartbeat_every: float = 1.0,
-                 gating: GateConfig | None = None):
+                 stages: Stages | None = None, gating: GateConfig | None = None):
         """`smoothing=None` keeps the model's per-frame masks (prob >= threshold); `batch_size`
         defaults to 4 in recorded mode and 1 in live mode (batching adds latency); `preprocess`
-        replaces the default stage (e.g. a calibration profile's ProfilePreprocessor); sinks with a
-        `status(dict)` method (the publisher) get the run's state every `heartbeat_every` seconds;
-        `gating=None` reports every polyp at once (`GateConfig.off()`)."""
+        replaces the default stage (e.g. a calibration profile's ProfilePreprocessor); `stages` gives
+        the whole chain instead (`Stages.for_profile`), then `preprocess`, `smoothing` and `gating` are
+        unused; `gating=None` reports every polyp at once (`GateConfig.off()`); sinks with a
+        `status(dict)` method (the publisher) get the run's state every `heartbeat_every` seconds."""
         self.mode = Mode(mode) if mode else source.default_mode
         live = self.mode is Mode.LIVE
         self.batch_size = batch_size or (1 if live else 4)
         self.max_frames = max_frames
-        # ---- the graph -------------------------------------------------------------------------
+        # ---- the graph: the stage chain (stages.py) on three threads, plus buffer and sinks ------
         self.source = source
-        self.preprocess = preprocess or Preprocessor(backend.input_size, on_device=backend.device.type == "cuda")
+        self.stages = stages or Stages(backend, preprocess, smoothing, gating)
+        self.preprocess = self.stages.preprocess
         self.buffer = FrameBuffer(buffer_size or (1 if live else 2 * self.batch_size), self.mode)
         # Recorded: as many batches in flight as the backend runs well at once (throughput).
         # Live: one frame at a time on every thread (the newest frame, soonest).
         backend.configure(1 if live else backend.max_workers)
         self.runner = make_runner(backend)
-        self.smoother = Smoother(smoothing or SmoothingConfig.off(backend.seg.config.threshold))
-        self.find_polyps = find_polyps
-        self.gate = AlarmGate(gating or GateConfig.off())  # reported polyps only; frames pass untouched
+        self.smoother = self.stages.smoother
         self.sinks = list(sinks)
         # ----------------------------------------------------------------------------------------
         self.backend = backend
@@ -135,7 +134,7 @@ class Pipeline:
         return (f"{self.source.source_id} -> preprocess {self.backend.input_size}px -> {self.mode.value} buffer "
                 f"({self.buffer.capacity}) -> {self.backend.name} on {self.backend.device} (batch {self.batch_size}"
                 f"{f' x {self.runner.depth} in flight' if self.runner.depth > 1 else ''}) "
-                f"-> smoothing {smooth} -> polyps -> gating {self.gate.config.describe()} -> {sinks}")
+                f"-> smoothing {smooth} -> polyps -> gating {self.stages.gate.config.describe()} -> {sinks}")
 
     # ---- stage loops ----------------------------------------------------------------------------
     def _decode(self) -> None:
@@ -205,23 +204,7 @@ class Pipeline:
             self._emit((item, p))
 
     def _finish(self, item: Prepared, prob: np.ndarray) -> Result:
-        frame = item.frame
-        if not np.isfinite(prob).all():
-            # NaN/inf from the model (overflow, a broken engine): never threshold garbage into a
-            # mask. Publish an empty mask flagged invalid, and keep it out of the EMA's memory.
-            self.stats.invalid += 1
-            self.smoother.reset()
-            self.gate.reset()
-            empty = np.zeros(frame.shape, np.float32)
-            return Result(frame, empty, empty.astype(bool), [], item.fov,
-                          time.time() - frame.capture_time, valid=False)
-        cuts = self.smoother.cuts
-        prob_src, mask = self.smoother.update(frame.image, prob, item.fov)
-        if self.smoother.cuts != cuts:  # a scene cut: a polyp before it is not the one after it
-            self.gate.reset()
-        polyps = self.find_polyps(mask, prob_src)
-        mask, polyps = self.gate.update(mask, polyps)
-        return Result(frame, prob_src, mask, polyps, item.fov, time.time() - frame.capture_time)
+        return self.stages.finish(item, prob)
 
     # ---- run ------------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -311,4 +294,4 @@ class Pipeline:
         self.stats.source_lost = getattr(source, "lost", False)
         self.stats.dropped = self.buffer.dropped
         self.stats.scene_cuts = self.smoother.cuts
-        self.stats.publish_dropped = sum(getattr(s, "dropped", 0) for s in self.sinks)
+        self.stats.invalid = self.stages.invalid

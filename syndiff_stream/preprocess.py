@@ -62,10 +62,16 @@ def crop_resize(frame: np.ndarray, fov: FieldOfView, size: int, interpolation=cv
     return cv2.resize(crop, (size, size), interpolation=interpolation)
 
 
+def to_model_range(x):
+    """Pixel values 0..255 as floats (numpy or torch, any layout) -> [-1, 1], the model's input
+    range. The one copy: CPU preprocessing here, the GPU path (engine.prepare_on_device) and the
+    trainer's batches all use it."""
+    return x * (1 / 127.5) - 1.0
+
+
 def normalize(image_u8: np.ndarray) -> np.ndarray:
     """RGB uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1], the model's input."""
-    x = image_u8.astype(np.float32) * (1 / 127.5) - 1.0
-    return np.moveaxis(x, -1, -3)
+    return np.moveaxis(to_model_range(image_u8.astype(np.float32)), -1, -3)
 
 
 def prepare(frame: np.ndarray, size: int, fov: FieldOfView | None = None) -> tuple[np.ndarray, FieldOfView]:

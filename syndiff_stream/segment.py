@@ -1,30 +1,25 @@
 """Frame-at-a-time segmentation for hosts that own the threads and buffers (GStreamer, Holoscan).
 
-The same stages as the pipeline, called in order on one frame: preprocess (profile's field of view
-and colour correction) -> backend -> smoother -> mask, plus the overlay. No queues, no threads: the
-host framework schedules `__call__`.
+The pipeline's own stage chain (`stages.Stages`: preprocess with the profile's field of view and
+colour correction -> backend -> NaN/inf guard -> smoother -> polyps), called on one frame at a
+time, plus the overlay. No queues, no threads: the host framework schedules `__call__`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .backends import Backend, make_backend
-from .calibration import Profile, ProfilePreprocessor, load_profile
-from .frames import Frame
+from .calibration import Profile, load_profile
+from .frames import Frame, Result
 from .model import Segmenter
 from .overlay import render_overlay
-from .smoothing import Smoother
+from .stages import Stages
 
-
-@dataclass(frozen=True)
-class Segmented:
-    prob: np.ndarray  # float32 (H, W): smoothed polyp probability at source resolution
-    mask: np.ndarray  # bool (H, W)
+Segmented = Result  # what FrameSegmenter returns: prob, mask, polyps, valid, fov (older name kept)
 
 
 class FrameSegmenter:
@@ -32,8 +27,7 @@ class FrameSegmenter:
         # No profile: the default one at the model's threshold (FOV found per frame, colours as they are).
         profile = profile or Profile(threshold=backend.seg.config.threshold)
         self.backend, self.profile = backend, profile
-        self.preprocess = ProfilePreprocessor(backend.input_size, profile)
-        self.smoother = Smoother(profile.smoothing_config(smooth))
+        self.stages = Stages.for_profile(backend, profile, smooth)
         self.index = 0
 
     @classmethod
@@ -48,14 +42,13 @@ class FrameSegmenter:
         return cls(be, load_profile(profile) if profile else None, smooth)
 
     @torch.inference_mode()
-    def __call__(self, image: np.ndarray) -> Segmented:
-        """RGB uint8 (H, W, 3) -> probability and mask at the frame's resolution."""
-        item = self.preprocess(Frame(image, "host", self.index, None))
+    def __call__(self, image: np.ndarray) -> Result:
+        """RGB uint8 (H, W, 3) -> Result: probability and mask at the frame's resolution, polyps,
+        and `valid` False (empty mask) when the model's output had NaN/inf."""
+        result = self.stages(Frame(image, "host", self.index, None))
         self.index += 1
-        x = torch.from_numpy(item.x[None]).to(self.backend.device)
-        prob = self.backend.infer(x)[0, 0].cpu().numpy()
-        return Segmented(*self.smoother.update(image, prob, item.fov))
+        return result
 
     @staticmethod
-    def overlay(image: np.ndarray, result: Segmented) -> np.ndarray:
+    def overlay(image: np.ndarray, result: Result) -> np.ndarray:
         return render_overlay(image, result.mask)

@@ -17,27 +17,10 @@ from pathlib import Path
 
 import cv2
 
+from .atomic import discard, fsync, temp_path
 from .frames import Result
 from .overlay import render_overlay
 from .protocol import make_header
-
-
-def temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")
-
-
-def discard(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
-
-
-def fsync(path: Path) -> None:
-    """Data on disk before the rename that publishes it, so a crash cannot expose an empty file."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def pick_codec(preferred=("libx264", "h264", "mpeg4")) -> str:

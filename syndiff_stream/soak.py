@@ -50,7 +50,7 @@ class Sampler:
             "t_s": round(now - self.start, 1), "rss_mb": round(rss_mb(), 1), "frames_out": stats.frames_out,
             "fps": round(new / (now - self.last_time), 2) if now > self.last_time else 0.0,
             "latency_ms": {q: round(float(np.percentile(lat, int(q[1:]))), 1) for q in ("p50", "p95", "p99")},
-            "dropped": stats.dropped, "publish_dropped": stats.publish_dropped, "invalid": stats.invalid,
+            "dropped": stats.dropped, "invalid": stats.invalid,
         }
         self.samples.append(sample)
         self.last_time, self.last_frames = now, stats.frames_out
@@ -111,5 +111,6 @@ def run_soak(source, backend, minutes: float, sample_every: float = 10.0, smooth
         "minutes": minutes, "source": source.source_id, "mode": stats.mode, "backend": backend.name,
         "device": str(backend.device), "input_size": backend.input_size, "sample_every_s": sample_every,
         "summary": summarize(sampler.samples), "final": stats.as_dict(), "received_by_subscriber": received[0],
+        "missed_by_subscriber": subscriber.missed,
         "samples": sampler.samples,
     }

@@ -80,6 +80,16 @@ class PacedClock:
 
 # ---- PyAV: files, network, devices ---------------------------------------------------------------
 
+def ffmpeg_reason(exc: Exception, kind: str) -> str:
+    """FFmpeg's error in words, without its raw errno (e.g. '[Errno 1094995529] Invalid data ...')."""
+    import av
+
+    if isinstance(exc, av.error.InvalidDataError):
+        return ("not a video FFmpeg can read (invalid data: a text file, a truncated download?)" if kind == "file"
+                else "invalid data from the stream")
+    return (getattr(exc, "strerror", None) or str(exc)).rstrip(".")
+
+
 class AVSource(Source):
     """Anything FFmpeg opens. `fmt` selects a device demuxer (v4l2, avfoundation, dshow...)."""
 
@@ -95,7 +105,7 @@ class AVSource(Source):
         try:
             self.container = av.open(url, format=fmt, options=opts, timeout=10.0)
         except (av.FFmpegError, OSError) as exc:
-            raise SourceError(f"cannot open {url!r}{f' as {fmt}' if fmt else ''}: {exc}") from None
+            raise SourceError(f"cannot open {url!r}{f' as {fmt}' if fmt else ''}: {ffmpeg_reason(exc, kind)}") from None
         if not self.container.streams.video:
             self.container.close()
             raise SourceError(f"{url!r} has no video stream")

@@ -4,6 +4,10 @@
         for msg in sub:           # stops at the publisher's end-of-stream message
             msg.mask              # bool (H, W) at the source's resolution
             msg.header["polyps"]  # boxes, areas, scores
+        sub.missed                # mask messages this subscriber lost (its queue was full)
+
+`Subscriber(endpoint, reliable=True)` connects to a `run --reliable` endpoint instead: every
+frame exactly once, in order, and the publisher waits for this consumer.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 import zmq
 
 from .keys import client_cert
+from .publish import check_endpoint
 from .protocol import (ENCODINGS, TOPIC_END, TOPIC_MASK, TOPIC_OVERLAY, TOPIC_STATUS, ProtocolError, check_shape,
                        decode_image, decode_mask, loads)
 
@@ -52,13 +57,26 @@ def decode(parts: list[bytes]) -> Message:
 
 class Subscriber:
     """SUB socket on `endpoint`, subscribed to masks (and overlays, status if asked) plus
-    end-of-stream. For a CURVE publisher pass this client's secret certificate (`curve_secret`,
-    from `syndiff-stream keys`) and the server's public one (`curve_server`)."""
+    end-of-stream; with `reliable=True` a PULL socket on a `ReliableSender` (`run --reliable`),
+    which sends every topic: those not asked for are skipped here. For a CURVE publisher pass this
+    client's secret certificate (`curve_secret`, from `syndiff-stream keys`) and the server's
+    public one (`curve_server`).
+
+    `received` counts mask messages; `missed` counts those the publisher sent but this subscriber
+    never got (gaps in the headers' `seq`, and at `end` the ones after the last received), counted
+    from the first mask received: frames sent before it connected are not counted."""
 
     def __init__(self, endpoint: str, masks: bool = True, overlay: bool = False, hwm: int = 1000,
                  context: zmq.Context | None = None, status: bool = False,
-                 curve_secret: str | Path | None = None, curve_server: str | Path | None = None):
-        self.socket = (context or zmq.Context.instance()).socket(zmq.SUB)
+                 curve_secret: str | Path | None = None, curve_server: str | Path | None = None,
+                 reliable: bool = False):
+        check_endpoint(endpoint, bind=False)
+        self.wanted = {TOPIC_END} | {t for t, on in ((TOPIC_MASK, masks), (TOPIC_OVERLAY, overlay),
+                                                      (TOPIC_STATUS, status)) if on}
+        self.received = self.missed = 0
+        self._next_seq: int | None = None
+        self.reliable = reliable
+        self.socket = (context or zmq.Context.instance()).socket(zmq.PULL if reliable else zmq.SUB)
         self.socket.setsockopt(zmq.RCVHWM, hwm)
         self.socket.setsockopt(zmq.LINGER, 0)
         if curve_secret or curve_server:
@@ -68,16 +86,34 @@ class Subscriber:
                 self.socket.close()
                 raise
         # "end" last: the publisher counts subscribers by it, and then sees the other topics too.
-        for topic, wanted in ((TOPIC_MASK, masks), (TOPIC_OVERLAY, overlay), (TOPIC_STATUS, status), (TOPIC_END, True)):
-            if wanted:
+        for topic in (TOPIC_MASK, TOPIC_OVERLAY, TOPIC_STATUS, TOPIC_END):
+            if topic in self.wanted and not reliable:
                 self.socket.setsockopt(zmq.SUBSCRIBE, topic)
         self.socket.connect(endpoint)
 
     def recv(self, timeout: float | None = None) -> Message | None:
-        """Next message, or None after `timeout` seconds."""
-        if timeout is not None and not self.socket.poll(int(timeout * 1000), zmq.POLLIN):
-            return None
-        return decode(self.socket.recv_multipart())
+        """Next message of a wanted topic, or None after `timeout` seconds without one."""
+        while True:
+            if timeout is not None and not self.socket.poll(int(timeout * 1000), zmq.POLLIN):
+                return None
+            parts = self.socket.recv_multipart()
+            if parts and parts[0] not in self.wanted:  # a reliable stream carries every topic
+                continue
+            msg = decode(parts)
+            self._count(msg)
+            return msg
+
+    def _count(self, msg: Message) -> None:
+        seq = msg.header.get("seq")
+        if msg.topic == "mask" and isinstance(seq, int):
+            self.received += 1
+            if self._next_seq is not None and seq > self._next_seq:
+                self.missed += seq - self._next_seq
+            self._next_seq = seq + 1
+        elif msg.topic == "end" and self._next_seq is not None and TOPIC_MASK in self.wanted:
+            frames = msg.header.get("frames")
+            if isinstance(frames, int) and frames > self._next_seq:
+                self.missed += frames - self._next_seq
 
     def __iter__(self) -> Iterator[Message]:
         return self.messages()

@@ -60,8 +60,10 @@ def view_stream(endpoint: str, out: Path | None = None, max_frames: int | None =
                 curve_secret: Path | None = None, curve_server: Path | None = None) -> int:
     """Show or record frames until the stream ends, `max_frames`, or `timeout` s of silence.
     `curve_secret`/`curve_server`: this client's and the publisher's certificates (CURVE)."""
+    from .publish import check_endpoint
     from .sinks import VideoWriter
 
+    check_endpoint(endpoint, bind=False)  # a bad endpoint is named before anything else is tried
     if out is None and not has_display():
         raise ViewerError("no display here: pass --out FILE.mp4 to record the overlays instead")
     writer = VideoWriter(out) if out is not None else None

@@ -1,4 +1,5 @@
 import json
+import re
 import threading
 
 import av
@@ -46,7 +47,9 @@ def test_run_demo_by_default(rt_tiny_model_dir):
     result = invoke("run", "--model", rt_tiny_model_dir, "--backend", "eager", "--publish", "",
                     "--max-frames", 3, "--fps", 100)
     assert result.exit_code == 0, result.output
-    assert "demo:0" in result.output and "live buffer" in result.output and "frames 3/3" in result.output
+    assert "demo:0" in result.output and "live buffer" in result.output
+    out, taken, dropped = (int(v) for v in re.search(r"frames (\d+)/(\d+) .* dropped (\d+)", result.output).groups())
+    assert taken == 3 and out + dropped == 3  # live mode may drop on a busy machine, but counts what it drops
 
 
 @pytest.mark.parametrize("args, named", [
@@ -97,7 +100,10 @@ def test_bench_prints_one_json_object(rt_tiny_model_dir):
                 "latency_ms", "dropped", "multistep_fps", "speedup"):
         assert key in report, key
     assert report["frames"] == 8 and report["backend"] == "eager" and report["input_size"] == 64
-    assert set(report["latency_ms"]) == {"p50", "p95", "p99"} and report["speedup"] > 1
+    assert set(report["latency_ms"]) == {"p50", "p95", "p99"}
+    # timings are reported, never asserted: only that the speedup is the ratio it says, with its spread
+    low, high = report["speedup_range"]
+    assert low <= report["speedup"] <= high and report["compare_repeats"] >= 3
     assert {"dice_raw", "dice_smoothed", "flicker_raw", "flicker_smoothed"} <= set(report["smoothing"])
 
 
@@ -133,3 +139,38 @@ def test_live_mode_on_a_file_plays_at_its_frame_rate(rt_tiny_model_dir, rt_video
                     "--mode", "live", "--quiet")
     assert result.exit_code == 0, result.output
     assert "live buffer" in result.output and time.perf_counter() - start >= 11 / 25
+
+
+def test_batch_skips_a_missing_input_and_does_the_others(rt_tiny_model_dir, tmp_path):
+    rt_write_video(tmp_path / "a.mp4", frames=4, size=(60, 80))
+    (tmp_path / "text.mp4").write_text("not a video")
+    result = invoke("batch", tmp_path / "gone.mp4", tmp_path / "text.mp4", tmp_path / "a.mp4", "--out",
+                    tmp_path / "out", "--model", rt_tiny_model_dir, "--backend", "eager")
+    assert result.exit_code == 2 and "2 of 3 inputs could not be read" in result.output
+    assert "gone.mp4" in result.output and "text.mp4" in result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a"] and (tmp_path / "out" / "a" / ".done").is_file()
+
+
+@pytest.mark.parametrize("endpoint, says", [
+    ("tcp://127.0.0.1:99999", "99999"), ("foo", "not a ZeroMQ endpoint"), ("tcp://999.1.1.1:5556", "not an IP"),
+])
+def test_bad_endpoints_are_one_line(rt_tiny_model_dir, endpoint, says):
+    run = ["run", "demo", "--model", rt_tiny_model_dir, "--backend", "eager"]
+    for args in ([*run, "--publish", endpoint], [*run, "--publish", "", "--reliable", endpoint],
+                 ["view", endpoint, "--out", "never.mp4"]):
+        result = invoke(*args)
+        assert result.exit_code == 2 and says in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1 and "reachable" not in result.output
+
+
+def test_view_with_no_publisher_fails_and_writes_nothing(tmp_path, rt_endpoint):
+    result = invoke("view", rt_endpoint, "--out", tmp_path / "v.mp4", "--timeout", 0.5)
+    assert result.exit_code == 2 and "nothing received" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_text_file_named_mp4_is_one_clear_line(rt_tiny_model_dir, tmp_path):
+    (tmp_path / "fake.mp4").write_text("hello, not a video\n")
+    result = invoke("run", tmp_path / "fake.mp4", "--model", rt_tiny_model_dir, "--publish", "", "--backend", "eager")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "fake.mp4" in result.output and "Errno" not in result.output and "not a video" in result.output

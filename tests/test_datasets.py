@@ -64,6 +64,15 @@ def test_jpeg_mask_noise_is_thresholded_at_127(tmp_path):
     assert (read_mask(path) == (mask > 0)).mean() > 0.99
 
 
+def test_zero_one_label_maps_are_masks_in_one_or_three_channels(tmp_path):
+    label = np.zeros((6, 6), np.uint8)
+    label[2:4, 1:5] = 1
+    cv2.imwrite(str(tmp_path / "one.png"), label)
+    cv2.imwrite(str(tmp_path / "three.png"), np.dstack([label] * 3))
+    for name in ("one.png", "three.png"):
+        assert read_mask(tmp_path / name).sum() == 8, name
+
+
 def test_grayscale_rgba_and_16bit_files_become_rgb_uint8(tmp_path):
     cv2.imwrite(str(tmp_path / "g.png"), np.full((5, 7), 100, np.uint8))
     cv2.imwrite(str(tmp_path / "a.png"), np.full((5, 7, 4), 100, np.uint8))

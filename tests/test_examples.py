@@ -1,5 +1,6 @@
 """Every example runs, with a tiny model (SYNDIFF_MODEL) and small inputs."""
 
+import json
 import os
 import subprocess
 import sys
@@ -63,6 +64,14 @@ def test_subscribe_overlays(rt_tiny_model_dir, rt_tiny_segmenter, rt_video, tmp_
     runner.join(timeout=90)
     assert proc["done"].returncode == 0, proc["done"].stderr
     assert len(list((tmp_path / "ov").glob("*.png"))) == 12
+
+
+def test_stalled_subscriber(rt_tiny_model_dir, rt_video, rt_endpoint):
+    done = example("stalled_subscriber.py", rt_video, "--backend", "eager", "--publish", rt_endpoint,
+                   env_model=rt_tiny_model_dir)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["frames_out"] == report["healthy_received"] == 12 and report["in_order"]
 
 
 def test_clinicdb_clips_then_eval_video_on_a_clip(rt_tiny_model_dir, tmp_path):

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from fractions import Fraction
+from types import SimpleNamespace
 
 import av
 import cv2
@@ -158,37 +159,58 @@ class Scripted(Source):
             raise SourceError("connection reset by peer")
 
 
-def test_reconnects_with_exponential_backoff_then_gives_up():
-    attempts, plan = [], ["refused", "refused", Scripted(2)]
+class FakeClock:
+    """The source's clock and stop event in one: waiting advances time at once, so backoff is
+    checked exactly, whatever the machine's load."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wait(self, seconds: float) -> bool:
+        self.now += seconds
+        return False
+
+    def is_set(self) -> bool:
+        return False
+
+    def set(self) -> None:
+        pass
+
+
+def test_reconnects_with_exponential_backoff_then_gives_up(monkeypatch):
+    clock, attempts, plan = FakeClock(), [], ["refused", "refused", Scripted(2)]
+    monkeypatch.setattr(sources_module, "time", SimpleNamespace(monotonic=clock.monotonic))
 
     def connect():
-        attempts.append(time.monotonic())
+        attempts.append(clock.now)
         step = plan.pop(0) if plan else "refused"
         if step == "refused":
             raise SourceError("connection refused")
         return step
 
     source = ReconnectingSource(connect, timeout=0.6, backoff=0.05, max_backoff=0.2, first=Scripted(3, fail=True))
-    start = time.monotonic()
+    source._stop = clock
     frames = within(10, list, source)
     assert [f.index for f in frames] == [0, 1, 2, 3, 4]  # indices continue across connections
     assert [f.gap_s > 0 for f in frames] == [False, False, False, True, False]
     assert source.reconnects == 1 and source.lost and source.state == "lost"
-    assert frames[3].gap_s == pytest.approx(source.disconnected_s) and frames[3].gap_s >= 0.05 + 0.1 + 0.2
-    waits = np.diff(attempts[3:])  # the final outage: 0.05 s, then 0.1, 0.2, capped at 0.2
-    assert 0.1 <= waits[0] < waits[1] and waits[1] >= 0.2 and max(waits) < 0.2 + 0.15
-    assert time.monotonic() - start < 0.35 + 0.6 + 1.0  # stops after its timeout
+    assert frames[3].gap_s == pytest.approx(0.05 + 0.1 + 0.2) == pytest.approx(source.disconnected_s)
+    # the final outage: 0.05 s, then 0.1, 0.2, capped at 0.2, and the last wait cut at the 0.6 s timeout
+    assert np.diff(attempts[2:]) == pytest.approx([0.05, 0.1, 0.2, 0.2, 0.05])
+    assert clock.now == pytest.approx(0.35 + 0.6)  # gave up exactly at its timeout
 
 
 def test_interrupt_stops_a_reconnect_wait_at_once():
     def refuse():
         raise SourceError("connection refused")
 
-    source = ReconnectingSource(refuse, timeout=60, first=Scripted(1))
+    source = ReconnectingSource(refuse, timeout=3600, first=Scripted(1))
     threading.Timer(0.3, source.interrupt).start()
-    start = time.monotonic()
-    assert len(within(5, list, source)) == 1
-    assert time.monotonic() - start < 2 and not source.lost
+    assert len(within(60, list, source)) == 1  # returns long before the hour is up: a hang fails here
+    assert not source.lost and source.state == "ended"
 
 
 def serve_stream(data: bytes, connections: int) -> int:
@@ -389,16 +411,18 @@ def test_subscriber_that_never_reads_costs_drops_not_memory(rt_endpoint):
     big = make_result(h=480, w=640)  # 300 kB per raw mask
     for _ in range(100):  # queues fill up to their high-water marks
         pub.write(big)
-    before, start = rss_mb(), time.perf_counter()
-    for _ in range(1500):  # 450 MB, were any of it kept
+    before = rss_mb()
+    for _ in range(1500):  # 450 MB, were any of it kept; every send returns (NOBLOCK), none raises
         pub.write(big)
-    assert time.perf_counter() - start < 10
-    assert rss_mb() - before < 40 and pub.dropped > 1000
+    assert rss_mb() - before < 40 and pub.sent == 1600
     stalled.close(linger=0)
     pub.close(linger=0)
 
 
 def test_slow_and_crashing_subscribers_never_block_the_publisher(rt_endpoint):
+    """Every write returns while one subscriber crashes and another reads slowly; the slow one
+    gets messages in order and counts the ones it lost. No clock is read: a blocked write hangs
+    the loop, and `within` turns the hang into a failure."""
     pub = Publisher(rt_endpoint, encoding="raw")
     crashing = subprocess.Popen([sys.executable, "-c", (
         "import os, signal, sys\n"
@@ -406,28 +430,35 @@ def test_slow_and_crashing_subscribers_never_block_the_publisher(rt_endpoint):
         "sub = Subscriber(sys.argv[1])\n"
         "for _ in range(3): sub.recv()\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"), rt_endpoint])
-    slow_got = []
+    slow_got, counts = [], {}
 
     def slow():
         with Subscriber(rt_endpoint, hwm=4) as sub:
-            for msg in sub.messages(timeout=1):
+            for msg in sub.messages(timeout=5):
                 slow_got.append(msg.header["frame_index"])
                 time.sleep(0.02)
+            counts.update(received=sub.received, missed=sub.missed)
 
     reader = threading.Thread(target=slow)
     reader.start()
     assert pub.wait_for_subscribers(2, timeout=30)
-    worst, i = 0.0, 0
-    while crashing.poll() is None or i < 600:
-        t0 = time.perf_counter()
-        pub.write(make_result(i, h=240, w=320))
-        worst, i = max(worst, time.perf_counter() - t0), i + 1
-        time.sleep(0.001)
-        assert i < 20000, "the crashing subscriber never crashed"
-    assert crashing.returncode == -signal.SIGKILL and worst < 0.5
-    pub.close(linger=0)
-    reader.join(timeout=10)
-    assert len(slow_got) > 10 and slow_got == sorted(slow_got) and pub.dropped > 0
+
+    def publish():
+        i = 0
+        while crashing.poll() is None or i < 600:
+            pub.write(make_result(i, h=240, w=320))
+            i += 1
+            time.sleep(0.001)
+            assert i < 20000, "the crashing subscriber never crashed"
+        return i
+
+    sent = within(120, publish)
+    assert crashing.returncode == -signal.SIGKILL
+    pub.close(linger=1)
+    reader.join(timeout=30)
+    assert slow_got and slow_got == sorted(set(slow_got))
+    # the slow queue may be full when `end` is sent (it is best effort), so the tail may go uncounted
+    assert counts["received"] == len(slow_got) and counts["received"] + counts["missed"] <= sent - slow_got[0]
 
 
 # ---- full disk, unwritable outputs ----------------------------------------------------------------

@@ -26,15 +26,65 @@ def test_latent_estimate_is_exact_when_the_prediction_is_true(kind):
     assert torch.allclose(noise_hat, noise, atol=1e-4)
 
 
-def test_loss_is_l1_noise_plus_lambda_l1_latent(monkeypatch):
-    m = Segmenter(preset_config("tiny", latent_loss_weight=0.5))
-    image, mask = torch.randn(2, 3, 256, 256), (torch.rand(2, 1, 256, 256) > 0.5).float()
-    losses = m.training_losses(image, mask, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(losses["loss"], losses["noise"] + 0.5 * losses["latent"])
+def test_loss_terms_match_hand_computed_values():
+    """L1(n, n~) + lambda L1(z0, z0~) + mu (soft Dice + BCE on D(z0~)), with the schedule written out."""
+    torch.manual_seed(0)
+    m = Segmenter(preset_config("tiny", latent_loss_weight=0.5, mask_loss_weight=0.25, image_size=64))
+    image, mask = torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.5).float()
+    t, noise = torch.tensor([10, 999]), torch.randn(2, 4, 8, 8)
+    losses = m.training_losses(image, mask, t=t, noise=noise)
+    betas = torch.linspace(0.0015, 0.0155, 1000, dtype=torch.float64)
+    a = torch.cumprod(1 - betas, 0)[t].float().view(-1, 1, 1, 1)
+    with torch.no_grad():
+        z0 = m.encode_mask(mask)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        v = m(image, z_t, t)
+        z0_hat = a.sqrt() * z_t - (1 - a).sqrt() * v
+        n_hat = (1 - a).sqrt() * z_t + a.sqrt() * v
+        l_noise, l_latent = (n_hat - noise).abs().mean(), (z0_hat - z0).abs().mean()
+        logits = 4.0 * m.decode_raw(z0_hat)
+        p = torch.sigmoid(logits)
+        dice = (2 * (p * mask).sum((1, 2, 3)) + 1) / (p.sum((1, 2, 3)) + mask.sum((1, 2, 3)) + 1)
+        bce = -(mask * torch.log(p) + (1 - mask) * torch.log(1 - p)).mean()
+        l_mask = (1 - dice).mean() + bce
+    assert torch.allclose(losses["noise"], l_noise, atol=1e-5) and torch.allclose(losses["latent"], l_latent, atol=1e-5)
+    assert torch.allclose(losses["mask"], l_mask, atol=1e-4)
+    assert torch.allclose(losses["loss"], l_noise + 0.5 * l_latent + 0.25 * l_mask, atol=1e-4)
     assert losses["loss"].requires_grad
-    m.config.latent_loss_weight = 0.0
-    losses = m.training_losses(image, mask, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(losses["loss"], losses["noise"])
+
+
+def test_tversky_focal_weighs_missed_pixels_by_beta():
+    from syndiff_stream.model import tversky_focal_loss
+
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4, :4] = 1
+    logits = torch.full_like(mask, -20.0)  # predicts nothing: every polyp pixel missed
+    miss = tversky_focal_loss(logits, mask, beta=0.9, gamma=2.0)
+    # Tversky: tp = 0, fn = 16 -> 1 - 1 / (0.9 * 16 + 1); focal: the 16 missed pixels keep their full
+    # BCE (softplus(20)), the 48 right ones ~0 (confidently right)
+    focal = 16 / 64 * torch.nn.functional.softplus(torch.tensor(20.0))
+    assert torch.allclose(miss, 1 - 1 / (0.9 * 16 + 1) + focal, atol=1e-4)
+    assert tversky_focal_loss(logits, mask, beta=0.9, gamma=2.0) > tversky_focal_loss(logits, mask, beta=0.3, gamma=2.0)
+    m = Segmenter(preset_config("tiny", image_size=64, mask_loss_type="tversky_focal"))
+    losses = m.training_losses(torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.5).float(),
+                               generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(losses["mask"]) and losses["loss"].requires_grad
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_latent_estimate_matches_diffusers_ddim_step(kind):
+    """Our z0~ is what diffusers' own DDIMScheduler.step calls pred_original_sample."""
+    from diffusers import DDIMScheduler
+
+    m = Segmenter(preset_config("tiny", prediction_type=kind))
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0155, beta_schedule="linear",
+                          prediction_type=kind, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    sched.set_timesteps(10)
+    out, z_t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    for t in (999, 499, 99):
+        ref = sched.step(out, t, z_t).pred_original_sample
+        _, z0 = m.estimates(out, z_t, torch.tensor([t]))
+        assert torch.allclose(z0, ref, rtol=1e-4, atol=1e-4), t
 
 
 def test_timesteps_stay_in_range_and_focus_on_the_inference_step():
@@ -54,6 +104,17 @@ def test_single_step_is_deterministic_and_batch_independent(model):
     assert a.shape == (3, 1, 256, 256) and 0 <= a.min() and a.max() <= 1
     assert torch.allclose(a[1:2], b, atol=1e-5)
     assert torch.equal(model.predict_proba(x), a)
+
+
+def test_flip_tta_averages_the_frame_and_its_mirror():
+    torch.manual_seed(0)
+    m = Segmenter(preset_config("tiny", image_size=64)).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    plain, mirrored = m.predict_proba(x), m.predict_proba(x.flip(-1)).flip(-1)
+    m.config.tta_flip = True
+    tta = m.predict_proba(x)
+    assert torch.allclose(tta, (plain + mirrored) / 2, atol=1e-5)
+    assert torch.allclose(tta, tta.flip(-1).flip(-1)) and not torch.allclose(tta, plain, atol=1e-4)
 
 
 def test_multistep_runs_from_the_same_noise(model):

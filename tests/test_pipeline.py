@@ -54,15 +54,41 @@ class SlowBackend(EagerBackend):
         return super().infer(batch)
 
 
-def test_live_mode_drops_frames_and_keeps_latency_bounded(rt_tiny_segmenter):
-    source = DemoSource(size=(72, 90), realtime=False, frames=120)  # renders far faster than 30 ms
-    pipeline = Pipeline(source, SlowBackend(rt_tiny_segmenter), mode=Mode.LIVE)
-    peak = []
+class FinishedSource(DemoSource):
+    """The demo scene, with an event set once every frame has been decoded."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.finished = threading.Event()
+
+    def __iter__(self):
+        yield from super().__iter__()
+        self.finished.set()
+
+
+class GatedBackend(EagerBackend):
+    """The tiny model, whose first call waits until the source has given every frame: a model
+    slower than its source by construction, not by this machine's speed."""
+
+    def __init__(self, seg, gate):
+        super().__init__(seg)
+        self.gate = gate
+
+    def infer(self, batch):
+        assert self.gate.wait(60), "the source never finished"
+        return super().infer(batch)
+
+
+def test_live_mode_drops_frames_newest_wins_and_the_buffer_stays_bounded(rt_tiny_segmenter):
+    source = FinishedSource(size=(72, 90), realtime=False, frames=120)
+    pipeline = Pipeline(source, GatedBackend(rt_tiny_segmenter, source.finished), mode=Mode.LIVE)
+    shown, peak = [], []
+    pipeline.sinks.append(type("Sink", (), {"write": lambda self, r: shown.append(r.frame.index),
+                                            "close": lambda self: None})())
     stats = pipeline.run(on_progress=lambda st: peak.append(len(pipeline.buffer)), progress_every=0.01)
-    assert stats.frames_in == 120 and stats.dropped > 0
-    assert stats.frames_out + stats.dropped == stats.frames_in  # every frame either shown or counted
-    per_frame = stats.model_s / stats.model_frames
-    assert max(stats.latencies) <= 3 * per_frame, (max(stats.latencies), per_frame)
+    assert stats.frames_in == 120 and stats.dropped >= 100  # all but the frames in hand when the model woke
+    assert stats.frames_out + stats.dropped == stats.frames_in == 120  # every frame either shown or counted
+    assert shown == sorted(shown) and shown[-1] == 119  # the newest frame wins
     assert max(peak, default=0) <= 1  # bounded buffer: memory stays flat
 
 
@@ -115,6 +141,7 @@ class ParallelSlowBackend(SlowBackend):
     def __init__(self, seg):
         super().__init__(seg)
         self.inside, self.most_inside, self.lock = 0, 0, threading.Lock()
+        self.together, self.calls = threading.Barrier(2, timeout=30), 0  # the first two calls meet, if they can
 
     def configure(self, workers):
         self.workers = min(workers, self.max_workers)
@@ -124,7 +151,14 @@ class ParallelSlowBackend(SlowBackend):
         with self.lock:
             self.inside += 1
             self.most_inside = max(self.most_inside, self.inside)
+            self.calls += 1
+            first_two = self.calls <= 2
         try:
+            if first_two:  # no timing luck needed to see two calls overlap; a serial runner fails below
+                try:
+                    self.together.wait()
+                except threading.BrokenBarrierError:
+                    pass
             return super().infer(batch)
         finally:
             with self.lock:

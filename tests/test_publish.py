@@ -1,3 +1,4 @@
+import threading
 import time
 
 import numpy as np
@@ -11,8 +12,8 @@ from syndiff_stream.postprocess import find_polyps
 from syndiff_stream.preprocess import FieldOfView
 from syndiff_stream.protocol import (ENCODINGS, SCHEMA_VERSION, ProtocolError, decode_mask, dumps, encode_mask,
                                      loads)
-from syndiff_stream.publish import Publisher
-from syndiff_stream.subscribe import Subscriber, decode
+from syndiff_stream.publish import ConsumerStalled, Publisher, ReliableSender
+from syndiff_stream.subscribe import Message, Subscriber, decode
 
 
 def result(index=0, h=30, w=40):
@@ -64,20 +65,109 @@ def test_overlay_topic_when_enabled(rt_endpoint):
     assert msg.topic == "overlay" and msg.image.shape == (30, 40, 3) and msg.header["encoding"] == "jpeg"
 
 
-def test_absent_or_stalled_subscriber_never_blocks_and_drops_are_counted(rt_endpoint):
+def test_absent_subscriber_never_blocks(rt_endpoint):
     pub = Publisher(rt_endpoint, encoding="raw", hwm=4)
-    big = result(h=400, w=400)
-    start = time.perf_counter()
     for _ in range(50):
-        pub.write(big)  # nobody listening
-    stalled = Subscriber(rt_endpoint, hwm=4)  # connected, never reads
-    assert pub.wait_for_subscribers(1, timeout=5)
-    for _ in range(500):
-        pub.write(big)
-    assert time.perf_counter() - start < 5
-    assert pub.dropped > 0 and pub.sent + pub.dropped == 550
-    stalled.close()
+        pub.write(result(h=400, w=400))  # nobody listening: NOBLOCK sends, ZeroMQ discards
+    assert pub.sent == 50 and pub.frames == 50
     pub.close(linger=0)
+
+
+def stalled_subscriber(endpoint):
+    """A SUB that connects, subscribes like a Subscriber, and never reads."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.RCVHWM, 4)
+    sock.setsockopt(zmq.LINGER, 0)
+    for topic in (b"mask", b"end"):
+        sock.setsockopt(zmq.SUBSCRIBE, topic)
+    sock.connect(endpoint)
+    return sock
+
+
+def test_a_stalled_subscriber_loses_only_its_own_messages(rt_endpoint):
+    """600 raw 240x320 masks (46 MB): far more than any queue or socket buffer of the stalled
+    subscriber holds. The healthy one must get all 600, in order. The publisher keeps at most 8
+    frames ahead of the healthy reader, so what is tested is the stall, not this machine's speed.
+    With XPUB_NODROP (before) the stalled queue made every send fail and this got ~30."""
+    frames, window = 600, 8
+    pub = Publisher(rt_endpoint, encoding="raw")
+    stalled = stalled_subscriber(rt_endpoint)
+    got, done = [], threading.Event()
+    with Subscriber(rt_endpoint) as healthy:
+        assert pub.wait_for_subscribers(2, timeout=10)
+
+        def read():
+            for msg in healthy.messages(timeout=10):
+                got.append(msg.header["frame_index"])
+            done.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        for i in range(frames):
+            wait_until(lambda: len(got) >= i - window or done.is_set(), 30)
+            pub.write(result(i, h=240, w=320))
+        pub.close(linger=5)
+        reader.join(timeout=30)
+        missed = healthy.missed
+    stalled.close()
+    assert got == list(range(frames)) and missed == 0
+
+
+def test_subscriber_counts_what_it_missed():
+    sub = Subscriber.__new__(Subscriber)  # counting only: no socket
+    sub.wanted, sub.received, sub.missed, sub._next_seq = {b"mask", b"end"}, 0, 0, None
+    for seq in (3, 4, 7, 8):  # joined at 3 (not missed), lost 5 and 6
+        sub._count(Message("mask", {"seq": seq}))
+    sub._count(Message("end", {"frames": 12}))  # and the last three
+    assert sub.received == 4 and sub.missed == 2 + 3
+
+
+def test_reliable_consumer_gets_every_frame_once_in_order_and_the_sender_waits(rt_endpoint):
+    sender = ReliableSender(rt_endpoint, encoding="rle", hwm=2, stall_timeout=30)
+    frames, got = 200, []
+    consumer = Subscriber(rt_endpoint, reliable=True, hwm=2)
+
+    def read_slowly():  # a consumer far behind the sender: the sender must wait, not drop
+        for msg in consumer.messages(timeout=30):
+            got.append((msg.header["seq"], msg.header["frame_index"]))
+            if len(got) < 20:
+                time.sleep(0.05)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    for i in range(frames):
+        sender.write(result(i))
+    sender.close()
+    reader.join(timeout=60)
+    consumer.close()
+    assert got == [(i, i) for i in range(frames)] and consumer.missed == 0
+
+
+def test_reliable_sender_gives_up_on_a_consumer_that_never_comes(rt_endpoint):
+    sender = ReliableSender(rt_endpoint, stall_timeout=0.3)
+    with pytest.raises(ConsumerStalled, match="took nothing"):
+        sender.write(result())
+    sender._release(0)
+
+
+@pytest.mark.parametrize("endpoint, says", [
+    ("tcp://127.0.0.1:99999", "port '99999'"), ("foo", "not a ZeroMQ endpoint"),
+    ("tcp://999.1.1.1:5556", "not an IP address"), ("tcp://127.0.0.1", "tcp://HOST:PORT"),
+])
+def test_bad_endpoints_are_refused_with_the_reason(endpoint, says):
+    with pytest.raises(ValueError, match=says):
+        Publisher(endpoint)
+    with pytest.raises(ValueError, match=says):
+        Subscriber(endpoint)
+
+
+def wait_until(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "gave up waiting (a hang, not a timing check)"
+        time.sleep(0.001)
 
 
 def test_decode_rejects_malformed_messages():
@@ -104,3 +194,19 @@ def test_wait_for_subscribers_counts_subscribers_not_topics(rt_endpoint):
     first.close()
     second.close()
     pub.close(linger=0)
+
+
+def test_a_failed_run_aborts_the_reliable_sender_without_waiting(rt_endpoint, rt_tiny_segmenter):
+    """The consumer never reads: the run stops with ConsumerStalled, and shutting down does not
+    wait a second stall timeout for `end` (abort, not close)."""
+    from syndiff_stream.backends import make_backend
+    from syndiff_stream.pipeline import Pipeline
+    from syndiff_stream.sources import DemoSource
+
+    sender, attempted = ReliableSender(rt_endpoint, stall_timeout=0.5), []
+    send = sender._send
+    sender._send = lambda parts: (attempted.append(bytes(parts[0])), send(parts))
+    with pytest.raises(ConsumerStalled):
+        Pipeline(DemoSource(size=(48, 60), realtime=False, frames=20), make_backend("eager", rt_tiny_segmenter),
+                 [sender]).run()
+    assert sender.socket.closed and sender.stalled and b"end" not in attempted  # no `end` waited for

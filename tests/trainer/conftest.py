@@ -10,6 +10,7 @@ import pytest
 
 HERE = Path(__file__).parent
 KVASIR = HERE.parents[1].parent / "shared" / "data" / "kvasir-seg-train"
+CLINICDB = HERE.parents[1].parent / "shared" / "data" / "cvc-clinicdb-train"
 sys.path.insert(0, str(HERE))
 
 
@@ -23,6 +24,23 @@ def link_kvasir_subset(tmp_path_factory, n: int) -> Path:
     for image in sorted((KVASIR / "images").glob("*.jpg"))[:n]:
         (root / "images" / image.name).symlink_to(image)
         (root / "masks" / image.name).symlink_to(KVASIR / "masks" / image.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def clinicdb_subset(tmp_path_factory) -> Path:
+    """The first 3 whole CVC-ClinicDB sequences, linked, with their sequences.csv rows."""
+    if not (CLINICDB / "sequences.csv").is_file():
+        pytest.skip(f"real data not available: {CLINICDB} is absent")
+    rows = (CLINICDB / "sequences.csv").read_text().splitlines()
+    keep = [r for r in rows[1:] if int(r.split(",")[1]) <= 3]
+    root = tmp_path_factory.mktemp("clinicdb-subset")
+    for sub in ("images", "masks"):
+        (root / sub).mkdir()
+        for r in keep:
+            name = r.split(",")[0] + ".png"
+            (root / sub / name).symlink_to(CLINICDB / sub / name)
+    (root / "sequences.csv").write_text("\n".join([rows[0], *keep]) + "\n")
     return root
 
 

@@ -33,3 +33,26 @@ def test_fold_table_reports_mean_and_std():
     rows = [{"dice": 0.8, "iou": 0.7, "hd95": 10.0, "nsd": 0.5}, {"dice": 0.9, "iou": 0.8, "hd95": 20.0, "nsd": 0.7}]
     table = fold_table(rows, "t")
     assert "85.0 ± 5.0" in table and "75.0 ± 5.0" in table and "15.0 ± 5.0" in table
+
+
+def test_bootstrap_ci_resamples_groups_not_images():
+    from syndiff_trainer.evaluate import bootstrap_ci
+
+    values = np.array([1.0] * 10 + [0.0] * 10)
+    lo, hi = bootstrap_ci(values)  # 20 independent images
+    assert lo < 0.5 < hi and hi - lo < 0.5
+    glo, ghi = bootstrap_ci(values, groups=["a"] * 10 + ["b"] * 10)  # really two samples
+    assert glo == 0.0 and ghi == 1.0
+    assert bootstrap_ci(values) == bootstrap_ci(values)  # seeded
+
+
+def test_small_polyps_are_found_when_half_covered():
+    from syndiff_trainer.evaluate import polyp_recall, recall_summary
+
+    truth = square(2, 2, 8) | square(40, 40, 20)  # 64 px (1.6 % of 64x64) and 400 px
+    pred = square(2, 2, 8)
+    pred[2:6, :] = False  # half of the small one covered
+    found = polyp_recall(pred | square(45, 40, 4), truth)
+    assert found == [(64 / 4096, True), (400 / 4096, False)]
+    summary = recall_summary([("x", *f) for f in found])
+    assert summary["small_polyps"] == 1 and summary["small_polyp_recall"] == 1.0 and summary["polyps_found"] == 1

@@ -1,16 +1,19 @@
-"""`syndiff-train`: fit, evaluate and cross-validate the segmenter."""
+"""`syndiff-train`: train from recipes, evaluate, cross-validate, reproduce, synthesise."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None,
+                  pretty_exceptions_enable=False)
 
 DATA_HELP = "dataset folder (Kvasir-SEG, CVC-ClinicDB, PraNet or paired images/masks layout)"
+RECIPE_HELP = "recipe file (.toml) or shipped recipe name (default: compact-kvasir-clinicdb)"
+SET_HELP = "override one recipe key, e.g. --set optim.lr=5e-4 --set data.1.weight=2 (repeatable)"
 
 
 @app.callback()
@@ -18,57 +21,94 @@ def main() -> None:
     """Companion trainer for syndiff-stream."""
 
 
-def _overrides(values: dict) -> dict:
-    return {k: v for k, v in values.items() if v is not None}
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(2)
+
+
+def _recipe(recipe: Optional[str], sets: Optional[List[str]]):
+    from .recipe import DEFAULT_RECIPE, RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe or DEFAULT_RECIPE, sets or [])
+    except RecipeError as exc:
+        _fail(exc)
+
+
+def _run(fn, *args, **kwargs):
+    """Call into the library; its known errors become one line and exit code 2."""
+    from syndiff_stream.datasets import DatasetError
+    from syndiff_stream.model import CheckpointError
+
+    from .recipe import RecipeError
+
+    try:
+        return fn(*args, **kwargs)
+    except (RecipeError, DatasetError, CheckpointError) as exc:
+        _fail(exc)
 
 
 @app.command()
 def fit(
-    data: Path = typer.Option(..., help=DATA_HELP),
-    out: Path = typer.Option(..., help="run folder: split, log, resumable state, best/ and last/ checkpoints"),
-    preset: str = typer.Option("compact", help="compact (<= 5M parameters) or sd (paper scale)"),
-    init_vae: Optional[Path] = typer.Option(None, help="sd preset: local Stable Diffusion VAE folder (diffusers layout)"),
-    init_from: Optional[Path] = typer.Option(None, help="start from this checkpoint (reuses its mask autoencoder)"),
-    steps: int = typer.Option(20000, help="optimiser steps in stage 2"),
-    batch_size: int = typer.Option(8),
-    lr: float = typer.Option(1e-3, help="peak AdamW learning rate (cosine decay, linear warm-up)"),
-    warmup_steps: int = typer.Option(300),
-    ema_decay: float = typer.Option(0.999),
-    augment: str = typer.Option("standard", help="standard (geometric + photometric) or none"),
-    val_fraction: float = typer.Option(0.1, help="held-out validation fraction when no split file is given"),
-    split_file: Optional[Path] = typer.Option(None, help="JSON {train: [stems], val: [stems]}"),
-    val_every: int = typer.Option(250),
-    image_size: int = typer.Option(256, help="model input size (square)"),
-    mask_ae_steps: int = typer.Option(600, help="stage 1 steps (stops early once reconstruction Dice >= 0.99)"),
-    latent_loss_weight: Optional[float] = typer.Option(None, help="lambda in L1(n, n~) + lambda * L1(z0, z0~)"),
-    mask_loss_weight: Optional[float] = typer.Option(None, help="extra Dice loss on the decoded mask (0 = paper)"),
-    prediction_type: Optional[str] = typer.Option(None, help="epsilon (paper), v_prediction or sample"),
-    timestep_sampling: Optional[str] = typer.Option(None, help="uniform (paper) or focused on the inference timestep"),
-    inference_timestep: Optional[int] = typer.Option(None),
-    focus_prob: Optional[float] = typer.Option(None, help="focused sampling: share of draws at the inference timestep"),
-    freeze_encoder: bool = typer.Option(False, help="ablation: keep the vision encoder at its initial weights"),
-    synthetic: Optional[Path] = typer.Option(None, help="folder written by `syndiff-train synth` (training only)"),
-    synthetic_count: Optional[int] = typer.Option(None, help="how many accepted synthetic samples to mix in"),
-    synthetic_ratio: Optional[float] = typer.Option(None, help="synthetic samples per real training image (instead of --synthetic-count)"),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
+    recipe: Optional[str] = typer.Option(None, metavar="RECIPE", help=RECIPE_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    out: Path = typer.Option(..., metavar="DIR", help="run folder: recipe, manifest, split, log, state, last/ and model/"),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda[:N]"),
+    threads: Optional[int] = typer.Option(None, metavar="N", help="CPU threads for torch (recorded: float sums depend on it)"),
+    stop_at: Optional[int] = typer.Option(None, metavar="N", help="stop after this stage-2 step; run again to resume"),
+    progress: bool = typer.Option(True, help="show progress bars"),
 ):
-    """Train the segmenter (stage 1 mask autoencoder, stage 2 encoder + U-Net); resumes if OUT has state."""
-    from .train import FitConfig, fit as run_fit
+    """Train a recipe (stage 1 mask autoencoder, stage 2 encoder + U-Net); resumes if OUT has state.
 
-    overrides = _overrides(dict(latent_loss_weight=latent_loss_weight, mask_loss_weight=mask_loss_weight,
-                                prediction_type=prediction_type, timestep_sampling=timestep_sampling,
-                                inference_timestep=inference_timestep, focus_prob=focus_prob))
-    cfg = FitConfig(data=str(data), out=str(out), preset=preset, model_overrides=overrides,
-                    init_vae=str(init_vae) if init_vae else None, init_from=str(init_from) if init_from else None,
-                    freeze_encoder=freeze_encoder, steps=steps, batch_size=batch_size, lr=lr,
-                    warmup_steps=warmup_steps, ema_decay=ema_decay, augment=augment, val_fraction=val_fraction,
-                    split_file=str(split_file) if split_file else None, val_every=val_every, image_size=image_size,
-                    mask_ae_steps=mask_ae_steps, synthetic=str(synthetic) if synthetic else None,
-                    synthetic_count=synthetic_count, synthetic_ratio=synthetic_ratio, seed=seed, device=device, threads=threads)
-    result = run_fit(cfg)
+    The shipped default recipe on 2 CPU cores takes about 1 h (see README)."""
+    from .train import RunOptions, fit as run_fit
+
+    cfg = _recipe(recipe, set_)
+    result = _run(run_fit, cfg, RunOptions(out=str(out), device=device, threads=threads, stop_at=stop_at,
+                                           progress=progress))
     typer.echo(json.dumps(result))
+
+
+@app.command()
+def reproduce(
+    checkpoint: Path = typer.Argument(..., help="a checkpoint folder with recipe.toml, manifest.json and log.jsonl"),
+    out: Path = typer.Option(..., metavar="DIR", help="run folder for the rerun"),
+    stop_at: Optional[int] = typer.Option(None, metavar="N", help="spot check: stop at this step and compare the digest logged there"),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda[:N]"),
+    threads: Optional[int] = typer.Option(None, metavar="N", help="default: the thread count the checkpoint recorded"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+):
+    """Rerun a checkpoint's recorded recipe on its recorded data and compare the weights."""
+    from .train import RunOptions, reproduce as run_reproduce
+
+    report = _run(run_reproduce, checkpoint, RunOptions(out=str(out), device=device, threads=threads,
+                                                        stop_at=stop_at, progress=progress))
+    typer.echo(json.dumps(report))
+    if report.get("identical") is False:
+        typer.secho("weights differ from the recorded run (see threads / library versions in run.json)", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def groups(
+    recipe: Optional[str] = typer.Option(None, metavar="RECIPE", help=RECIPE_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    sheet: Optional[Path] = typer.Option(None, metavar="PNG", help="write a PNG contact sheet of the multi-image groups here"),
+    limit: int = typer.Option(40, metavar="N", help="groups on the contact sheet"),
+):
+    """Show how the recipe's data is grouped (sequences, near-copy clusters) so a person can check it."""
+    from .data import load_sources
+    from .groups import contact_sheet, group_summary
+
+    cfg = _recipe(recipe, set_)
+    sources = _run(load_sources, cfg.data, cfg.image_size, cfg.split.phash_threshold, progress=False)
+    summary = group_summary(sources.ds)
+    typer.echo(json.dumps(summary["counts"]))
+    for name, members in summary["multi"][:limit]:
+        typer.echo(f"{name}: {' '.join(members)}")
+    if sheet:
+        contact_sheet(sources.ds, sheet, limit)
+        typer.echo(f"contact sheet: {sheet}")
 
 
 def _load_model(path: Optional[Path]):
@@ -77,124 +117,166 @@ def _load_model(path: Optional[Path]):
     try:
         return Segmenter.from_pretrained(path)
     except CheckpointError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2)
+        _fail(exc)
 
 
-def _load_eval_data(data: Path, split_file: Optional[Path], split: str, subset: Optional[str], limit: Optional[int],
-                    size: int):
+def _eval_data(data: List[str], model_dir: Path, split_file: Optional[Path], split: str, subset: Optional[str],
+               limit: Optional[int], size: int, warn, skip_unpaired: bool = False) -> "object":
+    """Sources named NAME=PATH (or PATH: named as the checkpoint's manifest names that folder, else by
+    folder name), cut to one side of the checkpoint's recorded split (or --split-file)."""
     from syndiff_stream.datasets import DatasetError
 
-    from .data import apply_split, load_dataset
+    from .data import apply_split, group_ids, load_dataset
+    from .recipe import load_recipe
 
+    recorded = model_dir / "split.json"
+    manifest_names, grouping = {}, {}
+    if (model_dir / "manifest.json").is_file():
+        for src in json.loads((model_dir / "manifest.json").read_text())["sources"]:
+            manifest_names[str(Path(src["path"]).resolve())] = src["name"]
+            grouping[src["name"]] = src.get("grouping", "none")
+    threshold = load_recipe(model_dir / "recipe.toml").split.phash_threshold if (model_dir / "recipe.toml").is_file() else 5
     try:
-        ds = load_dataset(data, size, subset=subset, progress=False)
-        if split_file is not None:
-            train, val = apply_split(ds, json.loads(split_file.read_text()))
-            ds = val if split == "val" else train
+        parts = []
+        for item in data:
+            name, sep, path = item.partition("=")
+            if not sep:
+                path, name = item, manifest_names.get(str(Path(item).resolve()), Path(item).name)
+            if not Path(path).is_dir():
+                raise DatasetError(f"--data {path}: folder does not exist")
+            ds = load_dataset(path, size, subset=subset, progress=False, skip_unreadable=skip_unpaired)
+            how = grouping.get(name) or ("sequences" if (Path(path) / "sequences.csv").is_file() else "phash")
+            ds.groups = group_ids(ds, how, Path(path), threshold)
+            parts.append(ds.prefixed(name))
+        ds = parts[0]
+        for part in parts[1:]:
+            ds = ds.concat(part)
+        split_path = split_file or (recorded if recorded.is_file() and split != "all" else None)
+        if split_path is not None and split != "all":
+            chosen = json.loads(Path(split_path).read_text())
+            names = sorted(set(ds.sources))
+            if len(names) == 1:  # split files from before sources had names hold bare stems
+                for side in ("train", "select", "val"):
+                    chosen[side] = [s if "/" in s else f"{names[0]}/{s}" for s in chosen.get(side, [])]
+            known = set(ds.stems)
+            for side in ("train", "select", "val"):
+                chosen[side] = [s for s in chosen.get(side, []) if s in known]
+            named = {s for side in ("train", "select", "val") for s in chosen[side]}
+            unseen = [s for s in ds.stems if s not in named]  # sources the run never saw: all held out
+            chosen["val"] += unseen
+            ds = apply_split(ds, chosen, split)
+        elif manifest_names and split == "all":
+            warn("scoring every image, training images included (--split all)")
+        elif not manifest_names and split_file is None:
+            warn("this checkpoint records no split: if it was trained on these images, the score is inflated")
     except (DatasetError, OSError, json.JSONDecodeError, KeyError) as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2)
+        _fail(exc)
     return ds.subset(range(min(limit, len(ds)))) if limit else ds
 
 
 @app.command("eval")
 def eval_(
-    data: Path = typer.Option(..., help=DATA_HELP),
-    model: Optional[Path] = typer.Option(None, help="checkpoint folder; default: the shipped compact model"),
-    split_file: Optional[Path] = typer.Option(None, help="score only one side of this split (e.g. a run's split.json)"),
-    split: str = typer.Option("val", help="which side of --split-file: val or train"),
-    subset: Optional[str] = typer.Option(None, help="PraNet layout: the TestDataset/<name> to score"),
-    steps: int = typer.Option(1, help="1 = single step; T > 1 = DDIM with T U-Net passes"),
-    timestep: Optional[int] = typer.Option(None, help="single-step inference timestep (default: the model's)"),
-    limit: Optional[int] = typer.Option(None, help="score only the first N images"),
+    data: List[str] = typer.Option(..., metavar="PATH", help=DATA_HELP + "; repeat for several sources, NAME=PATH to name one"),
+    model: Optional[Path] = typer.Option(None, metavar="DIR", help="checkpoint folder; default: the shipped model"),
+    split_file: Optional[Path] = typer.Option(None, metavar="PATH", help="JSON with train / select / val stem lists; default: "
+                                                         "the checkpoint's own split.json"),
+    split: str = typer.Option("val", metavar="SIDE", help="which side to score: val, select, train or all"),
+    subset: Optional[str] = typer.Option(None, metavar="TEXT", help="PraNet layout: the TestDataset/<name> to score"),
+    steps: int = typer.Option(1, metavar="N", help="1 = single step; T > 1 = DDIM with T U-Net passes"),
+    timestep: Optional[int] = typer.Option(None, metavar="N", help="single-step inference timestep (default: the model's)"),
+    limit: Optional[int] = typer.Option(None, metavar="N", help="score only the first N images"),
+    tta: bool = typer.Option(False, "--tta", help="flip test-time augmentation: average the frame and its "
+                                                  "mirror (about twice the model time)"),
+    skip_unpaired: bool = typer.Option(False, "--skip-unpaired", help="leave out images without a mask and "
+                                                                     "unreadable files (reported)"),
     per_image: bool = typer.Option(False, help="add per-image rows"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
-    threads: Optional[int] = typer.Option(None),
+    threads: Optional[int] = typer.Option(None, metavar="N", help="CPU threads for torch"),
 ):
-    """Score a checkpoint: Dice, IoU, HD95, NSD (mean and std)."""
+    """Score a checkpoint: Dice and IoU with 95 % bootstrap CIs, HD95, NSD; a row per source."""
     import torch
 
-    from .evaluate import evaluate
+    from syndiff_stream.model import default_checkpoint_path
 
+    from .evaluate import evaluate, source_table
+
+    if split not in ("val", "select", "train", "all"):
+        _fail(ValueError(f"--split {split!r}: choose val, select, train or all"))
     if threads:
         torch.set_num_threads(threads)
     seg = _load_model(model)
-    ds = _load_eval_data(data, split_file, split, subset, limit, seg.config.image_size)
+    if tta:
+        seg.config.tta_flip = True
+    warn = lambda msg: typer.secho(f"warning: {msg}", err=True, fg=typer.colors.YELLOW)  # noqa: E731
+    ds = _eval_data(data, model or default_checkpoint_path(), split_file, split, subset, limit,
+                    seg.config.image_size, warn, skip_unpaired)
     result = evaluate(seg, ds, steps=steps, timestep=timestep, per_image=per_image)
     if as_json:
         typer.echo(json.dumps(result))
         return
-    typer.echo(f"{result['n']} images, {steps} step(s) at t={result['timestep']}: "
-               f"Dice {result['dice']:.4f} ± {result['dice_std']:.4f}, IoU {result['iou']:.4f} ± {result['iou_std']:.4f}, "
-               f"HD95 {result['hd95']:.2f} px, NSD {result['nsd']:.4f}, {result['ms_per_image']:.1f} ms/image")
+    typer.echo(f"{result['n']} images in {result['groups']} groups, {steps} step(s) at t={result['timestep']}, "
+               f"{result['ms_per_image']:.1f} ms/image, NSD {result['nsd']:.4f}")
+    typer.echo(source_table(result))
 
 
 @app.command()
 def kfold(
-    data: Path = typer.Option(..., help=DATA_HELP),
-    out: Path = typer.Option(..., help="folder: one run per fold, results.json and table.md"),
-    folds: int = typer.Option(5),
-    steps: int = typer.Option(20000),
-    batch_size: int = typer.Option(8),
-    lr: float = typer.Option(1e-3),
-    limit: Optional[int] = typer.Option(None, help="use only the first N images (quick runs)"),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
-    threads: Optional[int] = typer.Option(None),
+    recipe: Optional[str] = typer.Option(None, metavar="RECIPE", help=RECIPE_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    out: Path = typer.Option(..., metavar="DIR", help="folder: one run per fold, results.json and table.md"),
+    folds: int = typer.Option(5, metavar="N", help="number of folds; whole groups per fold, balanced within each source"),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda[:N]"),
+    threads: Optional[int] = typer.Option(None, metavar="N", help="CPU threads for torch"),
+    progress: bool = typer.Option(True, help="show progress bars"),
 ):
-    """k-fold cross-validation: train one model per fold, score its held-out fold, write a mean ± std table."""
-    from .data import kfold_splits, load_dataset
-    from .evaluate import evaluate, fold_table
-    from .train import FitConfig, fit as run_fit
+    """Grouped k-fold cross-validation of a recipe: the last checkpoint of each fold scores its fold."""
+    from .crossval import run_kfold
 
-    from syndiff_stream.model import Segmenter
+    cfg = _recipe(recipe, set_)
+    table = _run(run_kfold, cfg, out, folds, device=device, threads=threads, progress=progress)
+    typer.echo(table)
 
-    ds = load_dataset(data, 256, progress=False)
-    stems = ds.stems[:limit] if limit else ds.stems
-    results = []
-    for i, split in enumerate(kfold_splits(stems, folds, seed)):
-        run = out / f"fold{i}"
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "split.json").write_text(json.dumps(split, indent=1))
-        run_fit(FitConfig(data=str(data), out=str(run), split_file=str(run / "split.json"), steps=steps,
-                          batch_size=batch_size, lr=lr, seed=seed, device=device, threads=threads,
-                          val_every=max(1, min(250, steps))))
-        from .data import apply_split
 
-        _, val = apply_split(ds, split)
-        res = evaluate(Segmenter.from_pretrained(run / "best"), val)
-        results.append(res)
-        typer.echo(f"fold {i}: Dice {res['dice']:.4f} IoU {res['iou']:.4f}")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    table = fold_table(results, f"{folds}-fold cross-validation on {data.name}")
-    (out / "table.md").write_text(table)
+@app.command("cross-centre")
+def cross_centre(
+    recipe: Optional[str] = typer.Option(None, metavar="RECIPE", help=RECIPE_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
+    out: Path = typer.Option(..., metavar="DIR", help="folder: one run per held-out source, results.json and table.md"),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda[:N]"),
+    threads: Optional[int] = typer.Option(None, metavar="N", help="CPU threads for torch"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+):
+    """Leave one source out, in turn: train on the others, score the whole held-out source."""
+    from .crossval import run_cross_centre
+
+    cfg = _recipe(recipe, set_)
+    table = _run(run_cross_centre, cfg, out, device=device, threads=threads, progress=progress)
     typer.echo(table)
 
 
 @app.command()
 def synth(
-    data: Path = typer.Option(..., help=DATA_HELP + ": base frames (unless --normal-frames) and real mask shapes"),
-    out: Path = typer.Option(..., help="output dataset: images/ + masks/ (accepted), rejected/, manifest.jsonl"),
-    count: int = typer.Option(..., help="accepted samples wanted"),
-    weights: Optional[Path] = typer.Option(None, help="local diffusers inpainting folder (SDXL inpainting or other)"),
-    method: str = typer.Option("inpaint", help="inpaint (text-guided diffusion) or copy-paste (baseline)"),
-    prompts: Optional[Path] = typer.Option(None, help="prompt bank (.json like the shipped one, or .txt one per line)"),
-    normal_frames: Optional[Path] = typer.Option(None, help="folder of polyp-free frames to inpaint into"),
-    mask_source: str = typer.Option("mixed", help="mixed, real (re-placed annotations) or parametric (ellipse/blob)"),
-    resolution: Optional[int] = typer.Option(None, help="generation size (default: the pipeline's native size)"),
-    steps: int = typer.Option(30, help="denoising steps"),
-    guidance_scale: float = typer.Option(7.5, help="classifier-free guidance scale"),
-    strength: float = typer.Option(0.99, help="inpainting strength (1.0: ignore the masked pixels)"),
-    blend: str = typer.Option("seamless", help="copy-paste blending: seamless (Poisson) or feather"),
-    gate_model: Optional[Path] = typer.Option(None, help="Segmenter checkpoint for the quality gate "
+    data: Path = typer.Option(..., metavar="PATH", help=DATA_HELP + ": base frames (unless --normal-frames) and real mask shapes"),
+    out: Path = typer.Option(..., metavar="DIR", help="output dataset: images/ + masks/ (accepted), rejected/, manifest.jsonl"),
+    count: int = typer.Option(..., metavar="N", help="accepted samples wanted"),
+    weights: Optional[Path] = typer.Option(None, metavar="PATH", help="local diffusers inpainting folder (SDXL inpainting or other)"),
+    method: str = typer.Option("inpaint", metavar="TEXT", help="inpaint (text-guided diffusion) or copy-paste (baseline)"),
+    prompts: Optional[Path] = typer.Option(None, metavar="PATH", help="prompt bank (.json like the shipped one, or .txt one per line)"),
+    normal_frames: Optional[Path] = typer.Option(None, metavar="PATH", help="folder of polyp-free frames to inpaint into"),
+    mask_source: str = typer.Option("mixed", metavar="TEXT", help="mixed, real (re-placed annotations) or parametric (ellipse/blob)"),
+    resolution: Optional[int] = typer.Option(None, metavar="N", help="generation size (default: the pipeline's native size)"),
+    steps: int = typer.Option(30, metavar="N", help="denoising steps"),
+    guidance_scale: float = typer.Option(7.5, metavar="X", help="classifier-free guidance scale"),
+    strength: float = typer.Option(0.99, metavar="X", help="inpainting strength (1.0: ignore the masked pixels)"),
+    blend: str = typer.Option("seamless", metavar="TEXT", help="copy-paste blending: seamless (Poisson) or feather"),
+    gate_model: Optional[Path] = typer.Option(None, metavar="PATH", help="Segmenter checkpoint for the quality gate "
                                                          "(default: the shipped checkpoint)"),
-    gate_threshold: float = typer.Option(0.7, help="keep samples with IoU(intended, predicted) >= this"),
+    gate_threshold: float = typer.Option(0.7, metavar="X", help="keep samples with IoU(intended, predicted) >= this"),
     no_gate: bool = typer.Option(False, "--no-gate", help="accept every sample (no quality gate)"),
-    max_attempts: Optional[int] = typer.Option(None, help="stop after this many samples (default 4 x count)"),
-    seed: int = typer.Option(0, help="same seed, same samples"),
-    batch_size: int = typer.Option(1, help="samples per pipeline call"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
+    max_attempts: Optional[int] = typer.Option(None, metavar="N", help="stop after this many samples (default 4 x count)"),
+    seed: int = typer.Option(0, metavar="N", help="same seed, same samples"),
+    batch_size: int = typer.Option(1, metavar="N", help="samples per pipeline call"),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda[:N]"),
     fp16: bool = typer.Option(False, "--fp16", help="half precision weights (GPU)"),
     cpu_offload: bool = typer.Option(False, "--cpu-offload", help="enable_model_cpu_offload (needs accelerate)"),
     attention_slicing: bool = typer.Option(False, "--attention-slicing", help="lower peak memory, slower"),
@@ -220,38 +302,42 @@ def synth(
 
 @app.command()
 def ablate(
-    data: Path = typer.Option(..., help=DATA_HELP),
-    out: Path = typer.Option(..., help="folder for fold runs, ablation.md and ablation.json (resumable)"),
-    synthetic: Optional[Path] = typer.Option(None, help="`synth` output for the text-guided rows"),
-    counts: str = typer.Option("20,50,100,200", help="synthetic sample counts, comma-separated"),
-    copy_paste: Optional[Path] = typer.Option(None, help="`synth --method copy-paste` output (baseline row)"),
-    copy_paste_count: int = typer.Option(100),
-    folds: int = typer.Option(5, help="k of k-fold cross-validation"),
-    limit: Optional[int] = typer.Option(None, help="use this many real images (reduced scale, e.g. 40 on CPU)"),
-    steps: int = typer.Option(20000, help="stage 2 steps per run (e.g. 50 on CPU)"),
-    mask_ae_steps: int = typer.Option(600, help="stage 1 steps, once per fold"),
-    multistep: int = typer.Option(50, help="DDIM steps for the multi-step inference row"),
-    base_augment: str = typer.Option("none", help="augmentation of every row but 'traditional'"),
-    only: Optional[str] = typer.Option(None, help="comma-separated row names to run (default: all)"),
-    preset: str = typer.Option("compact"),
-    batch_size: int = typer.Option(8),
-    lr: float = typer.Option(1e-3),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
-    cache_dir: Optional[Path] = typer.Option(None, help="decoded-dataset cache (default ~/.cache/syndiff-stream)"),
+    recipe: Optional[str] = typer.Option(None, metavar="RECIPE", help=RECIPE_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP + "; applies to every row"),
+    out: Path = typer.Option(..., metavar="DIR", help="folder for fold runs, ablation.md and ablation.json (resumable)"),
+    row: Optional[List[str]] = typer.Option(None, "--row", metavar="ROW", help="custom row 'name: key=value, key=value' "
+                                                                "(repeatable), e.g. 'scope: augment.preset=scope'"),
+    paper_rows: bool = typer.Option(True, help="include the papers' rows (real only, synthetic, traditional "
+                                               "augmentation, frozen encoder, noise only, multi-step)"),
+    synthetic: Optional[Path] = typer.Option(None, metavar="PATH", help="synth output for the text-guided rows"),
+    counts: str = typer.Option("20,50,100,200", metavar="TEXT", help="synthetic sample counts, comma-separated"),
+    copy_paste: Optional[Path] = typer.Option(None, metavar="PATH", help="synth --method copy-paste output (baseline row)"),
+    copy_paste_count: int = typer.Option(100, metavar="N", help="copy-paste samples in the baseline row"),
+    folds: int = typer.Option(5, metavar="N", help="k of grouped k-fold cross-validation"),
+    limit: Optional[int] = typer.Option(None, metavar="N", help="use about this many real images, whole groups (reduced scale)"),
+    multistep: int = typer.Option(50, metavar="N", help="DDIM steps for the multi-step inference row"),
+    base_augment: str = typer.Option("none", metavar="TEXT", help="augmentation of the papers' rows but 'traditional'"),
+    only: Optional[str] = typer.Option(None, metavar="TEXT", help="comma-separated row names to run (default: all)"),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda[:N]"),
+    threads: Optional[int] = typer.Option(None, metavar="N", help="CPU threads for torch"),
+    cache_dir: Optional[Path] = typer.Option(None, metavar="PATH", help="decoded-dataset cache (default ~/.cache/syndiff-stream)"),
+    progress: bool = typer.Option(True, help="show progress bars"),
 ):
-    """The papers' ablations with k-fold: Markdown table of mean +- std Dice and IoU."""
+    """Ablations of a recipe under grouped k-fold: one table, a row per change, mean ± std and CI.
+
+    Shorten every run with --set, e.g. --set steps=300 --set stage1.steps=100."""
     from .ablate import AblateConfig, run_ablation
 
-    fit_extra = _overrides(dict(preset=preset, batch_size=batch_size, lr=lr, mask_ae_steps=mask_ae_steps,
-                                device=device, threads=threads, cache_dir=str(cache_dir) if cache_dir else None))
-    cfg = AblateConfig(data=str(data), out=str(out), synthetic=str(synthetic) if synthetic else None,
-                       copy_paste=str(copy_paste) if copy_paste else None,
-                       counts=tuple(int(c) for c in counts.split(",") if c.strip()), copy_paste_count=copy_paste_count,
-                       folds=folds, limit=limit, steps=steps, multistep=multistep, base_augment=base_augment,
-                       only=tuple(o.strip() for o in only.split(",")) if only else (), seed=seed, fit=fit_extra)
-    summary = run_ablation(cfg)
+    cfg = _recipe(recipe, set_)
+    options = {"device": device, "threads": threads, "progress": progress,
+               **({"cache_dir": str(cache_dir)} if cache_dir else {})}
+    acfg = AblateConfig(recipe=cfg, out=str(out), synthetic=str(synthetic) if synthetic else None,
+                        copy_paste=str(copy_paste) if copy_paste else None,
+                        counts=tuple(int(c) for c in counts.split(",") if c.strip()), copy_paste_count=copy_paste_count,
+                        folds=folds, limit=limit, multistep=multistep, base_augment=base_augment, paper_rows=paper_rows,
+                        custom_rows=tuple(row or ()), only=tuple(o.strip() for o in only.split(",")) if only else (),
+                        options=options)
+    summary = _run(run_ablation, acfg)
     typer.echo((out / "ablation.md").read_text())
     typer.echo(json.dumps({"out": str(out), "rows": len(summary["rows"])}))
 

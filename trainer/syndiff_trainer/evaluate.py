@@ -5,6 +5,10 @@ HD95 and NSD come from MONAI. Empty-mask policy (colonoscopy is mostly frames wi
   both empty      Dice = IoU = NSD = 1, HD95 = 0 (a correct "no polyp")
   exactly one     Dice = IoU = NSD = 0, HD95 = the image diagonal (the worst distance possible)
 NSD uses a tolerance of `NSD_TOLERANCE_PX` pixels at model resolution.
+
+Confidence intervals: 95 % percentile bootstrap over groups (a ClinicDB sequence, a cluster of
+Kvasir-SEG near-copies), not over images: frames of one polyp are not independent samples, and
+resampling them one by one would make the interval too narrow.
 """
 
 from __future__ import annotations
@@ -22,6 +26,21 @@ from syndiff_stream.model import Segmenter
 from .data import ArrayDataset
 
 NSD_TOLERANCE_PX = 2.0
+SMALL_POLYP_FRACTION = 0.02  # a polyp under 2 % of the frame is "small"
+FOUND_COVERAGE = 0.5  # a polyp is found when the prediction covers at least half of it
+
+
+def polyp_recall(pred: np.ndarray, target: np.ndarray) -> list[tuple[float, bool]]:
+    """Per truth polyp (8-connected component): (area as a fraction of the frame, found?)."""
+    import cv2
+
+    n, labels = cv2.connectedComponents(target.astype(np.uint8), connectivity=8)
+    out = []
+    for k in range(1, n):
+        comp = labels == k
+        area = int(comp.sum())
+        out.append((area / target.size, bool(np.logical_and(comp, pred).sum() >= FOUND_COVERAGE * area)))
+    return out
 
 
 def surface_metrics(pred: np.ndarray, target: np.ndarray, tolerance: float = NSD_TOLERANCE_PX) -> tuple[float, float]:
@@ -56,24 +75,81 @@ def predict_masks(model: Segmenter, images: np.ndarray, steps: int = 1, timestep
     return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:3], bool)
 
 
+BOOTSTRAP_SAMPLES = 2000
+
+
+def bootstrap_ci(values, groups=None, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean, resampling whole groups with replacement."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    groups = np.asarray(groups if groups is not None else np.arange(len(values)))
+    names, inverse = np.unique(groups, return_inverse=True)
+    sums = np.bincount(inverse, weights=values, minlength=len(names))
+    counts = np.bincount(inverse, minlength=len(names)).astype(float)
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(names), size=(samples, len(names)))
+    means = sums[pick].sum(1) / counts[pick].sum(1)
+    lo, hi = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return (float(lo), float(hi))
+
+
+def recall_summary(polyps: list[tuple[str, float, bool]]) -> dict:
+    """Polyps found (>= half covered), all and small (< 2 % of the frame)."""
+    small = [found for _, area, found in polyps if area < SMALL_POLYP_FRACTION]
+    return {"polyps": len(polyps), "polyps_found": sum(f for *_, f in polyps),
+            "small_polyps": len(small), "small_polyps_found": sum(small),
+            "small_polyp_recall": (sum(small) / len(small)) if small else None}
+
+
+def summarise(rows: list[dict], groups: list[str]) -> dict:
+    """Mean, std and group-bootstrap CI of Dice and IoU, plus mean HD95 and NSD."""
+    col = {k: np.array([r[k] for r in rows]) for k in ("dice", "iou", "hd95", "nsd")}
+    out = {"n": len(rows), "groups": len(set(groups)), **{k: float(v.mean()) for k, v in col.items()}}
+    for k in ("dice", "iou", "hd95", "nsd"):
+        out[f"{k}_std"] = float(col[k].std())
+    out["dice_ci"] = list(bootstrap_ci(col["dice"], groups))
+    out["iou_ci"] = list(bootstrap_ci(col["iou"], groups))
+    return out
+
+
 def evaluate(model: Segmenter, ds: ArrayDataset, steps: int = 1, timestep: int | None = None,
              per_image: bool = False, batch_size: int = 16) -> dict:
     started = time.perf_counter()
     preds = predict_masks(model, ds.images, steps, timestep, batch_size)
     seconds = time.perf_counter() - started
-    rows = []
+    rows, polyps = [], []
     for stem, p, t in zip(ds.stems, preds, ds.masks):
         hd95, nsd = surface_metrics(p, t)
         rows.append({"stem": stem, "dice": dice(p, t), "iou": iou(p, t), "hd95": hd95, "nsd": nsd})
-    col = {k: np.array([r[k] for r in rows]) for k in ("dice", "iou", "hd95", "nsd")}
-    result = {"n": len(rows), **{k: float(v.mean()) for k, v in col.items()},
-              "dice_std": float(col["dice"].std()), "iou_std": float(col["iou"].std()),
-              "hd95_std": float(col["hd95"].std()), "nsd_std": float(col["nsd"].std()),
-              "steps": steps, "timestep": model.config.inference_timestep if timestep is None else timestep,
-              "ms_per_image": 1000 * seconds / max(1, len(rows))}
+        polyps += [(stem, *found) for found in polyp_recall(p, t)]
+    result = {**summarise(rows, ds.groups), "steps": steps,
+              "timestep": model.config.inference_timestep if timestep is None else timestep,
+              "ms_per_image": 1000 * seconds / max(1, len(rows)), **recall_summary(polyps)}
+    sources = ds.sources
+    if len(set(sources)) > 1:
+        result["by_source"] = {}
+        for source in sorted(set(sources)):
+            keep = [i for i, s in enumerate(sources) if s == source]
+            stems = {ds.stems[i] for i in keep}
+            result["by_source"][source] = {**summarise([rows[i] for i in keep], [ds.groups[i] for i in keep]),
+                                           **recall_summary([p for p in polyps if p[0] in stems])}
     if per_image:
         result["images"] = rows
     return result
+
+
+def source_table(result: dict) -> str:
+    """Markdown: one row per source (and all), mean Dice / IoU with their 95 % CI."""
+    rows = [("all", result)] + sorted(result.get("by_source", {}).items())
+    lines = ["| source | images | groups | Dice (95 % CI) | IoU (95 % CI) | HD95 (px) | small polyps found |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['n']} | {r['groups']} | {r['dice']:.3f} ({r['dice_ci'][0]:.3f}-{r['dice_ci'][1]:.3f}) | "
+                     f"{r['iou']:.3f} ({r['iou_ci'][0]:.3f}-{r['iou_ci'][1]:.3f}) | {r['hd95']:.1f} | "
+                     f"{r.get('small_polyps_found', 0)} of {r.get('small_polyps', 0)} |")
+    return "\n".join(lines) + "\n"
 
 
 def fold_table(results: list[dict], title: str = "") -> str:

@@ -55,13 +55,18 @@ def load_inpaint_pipeline(folder: str | Path, device: str = "cpu", fp16: bool = 
     from diffusers import AutoPipelineForInpainting
 
     class_name = check_pipeline_folder(folder)
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:  # the text encoders of every SD pipeline
+        raise WeightsError(f"{folder}: loading an inpainting pipeline needs the `transformers` package: "
+                           "pip install -e './trainer[synth]'")
     dtype = torch.float16 if fp16 else torch.float32
     try:
         with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones know only it
             warnings.simplefilter("ignore", FutureWarning)
             pipe = AutoPipelineForInpainting.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True,
                                                              local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, ImportError) as exc:
         raise WeightsError(f"{folder}: cannot load {class_name or 'pipeline'} for inpainting "
                            f"({str(exc).splitlines()[0]}); {EXPECTED_LAYOUT}") from None
     pipe.set_progress_bar_config(disable=True)

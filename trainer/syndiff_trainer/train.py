@@ -1,71 +1,72 @@
-"""Two-stage training of the segmenter, resumable at any step.
+"""Two-stage training of the segmenter from a recipe: deterministic, resumable, self-recording.
 
-Stage 1 (compact preset only): the mask autoencoder learns to reconstruct masks alone, until its
-reconstruction Dice reaches the target. Stage 2: vision encoder + U-Net learn the diffusion loss
-with the mask autoencoder frozen. The `sd` preset skips stage 1: its autoencoder comes from a
-Stable Diffusion VAE (`init_vae`), as in the paper.
+Stage 1 (compact and tiny presets): the mask autoencoder learns to reconstruct masks alone, until
+its reconstruction Dice reaches the target. Stage 2: vision encoder + U-Net learn the diffusion
+loss with the mask autoencoder frozen. The `sd` preset skips stage 1: its autoencoder comes from
+a Stable Diffusion VAE (`model.init_vae`), as in the paper.
 
-A run folder holds: split.json, log.jsonl, state/ (everything needed to resume: weights, EMA,
-optimiser moments, step, all in safetensors + JSON), best/ and last/ (EMA checkpoints).
+Library building blocks: noise from diffusers' DDPMScheduler (inside the model), EMA from
+diffusers' EMAModel, warm-up + cosine from diffusers' schedules.
+
+A run folder says how it was made:
+  recipe.toml     the resolved recipe (every knob)          manifest.json  files + content hashes
+  run.json        library versions, threads, device, times   split.json     train/select/val stems
+  log.jsonl       one JSON line per logged step: each loss term, lr, validation metrics, wall
+                  time, and the EMA weights' digest at every validation (what `reproduce` checks)
+  state/          everything needed to resume (safetensors + JSON)
+  mask_ae/        stage 1 result   last/  EMA checkpoint at the latest validation
+  best/           only with a `select` split: best EMA checkpoint on `select`
+  model/          the result: last/ (or best/ on select), with the records above copied in
+Batches, augmentation and noise are pure functions of (seed, step), so an interrupted run that
+resumes gives the same weights as one that was not interrupted.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+import hashlib
 import json
-import math
-import os
+import platform
+import shutil
+import sys
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from pydantic import BaseModel, ConfigDict
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
+from syndiff_stream.atomic import atomic_path, write_text
 from syndiff_stream.metrics import dice
-from syndiff_stream.model import Segmenter, SegmenterConfig, init_from_sd_vae, preset_config
+from syndiff_stream.model import CheckpointError, Segmenter, SegmenterConfig, init_from_sd_vae, soft_dice
 
-from .data import ArrayDataset, BatchSampler, apply_split, build_augmenter, holdout_split, load_dataset
+from .data import (ArrayDataset, BatchSampler, apply_split, build_augmenter, grouped_split,
+                   load_sources, manifest_mismatch, sample_seed, small_polyp_weights)
+from .recipe import RECIPE_NAME, Recipe, RecipeError, load_recipe, recipe_diff
+
+RECORDS = (RECIPE_NAME, "manifest.json", "split.json", "run.json", "log.jsonl")
+LIBRARIES = ("torch", "diffusers", "numpy", "albumentations", "opencv-python-headless", "safetensors",
+             "pydantic", "syndiff-stream", "syndiff-trainer")
 
 
-@dataclass
-class FitConfig:
-    data: str
+class RunOptions(BaseModel):
+    """How to run a recipe; none of these change the weights except `threads` (float sums)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     out: str
-    preset: str = "compact"
-    model_overrides: dict = field(default_factory=dict)
-    init_vae: str | None = None  # sd preset: local SD VAE folder (diffusers layout)
-    init_from: str | None = None  # start from a checkpoint (e.g. reuse its trained mask autoencoder)
-    freeze_encoder: bool = False  # ablation: vision encoder kept at its initial weights
-    steps: int = 20000
-    batch_size: int = 8
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.01
-    warmup_steps: int = 300
-    weight_decay: float = 1e-2
-    ema_decay: float = 0.999
-    augment: str = "standard"
-    val_fraction: float = 0.1
-    split_file: str | None = None
-    val_every: int = 250
-    seed: int = 0
-    image_size: int = 256
-    # stage 1
-    mask_ae_steps: int = 3000
-    mask_ae_lr: float = 2e-3
-    mask_ae_batch_size: int = 16
-    mask_ae_target_dice: float = 0.99
-    # synthetic data (issue: text-guided augmentation): added to training only
-    synthetic: str | None = None
-    synthetic_count: int | None = None
-    synthetic_ratio: float | None = None  # synthetic samples per real training image
     device: str = "auto"
     threads: int | None = None
     progress: bool = True
     cache_dir: str | None = None
+    stop_at: int | None = None  # stop stage 2 after this step (reproduce's spot check); resumable
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,17 +82,48 @@ def _progress(enabled: bool) -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled)
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every tensor of the state dict, in key order: equal digests, equal weights."""
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def library_versions() -> dict:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 # ---- evaluation used during training ---------------------------------------------------------
 
 @torch.no_grad()
-def validation_dice(model: Segmenter, ds: ArrayDataset, device, batch_size: int = 16, timestep: int | None = None) -> float:
+def predict_dice(model: Segmenter, ds: ArrayDataset, device, batch_size: int = 16) -> np.ndarray:
     model.eval()
     scores = []
     for i in range(0, len(ds), batch_size):
         x = torch.from_numpy(ds.images[i:i + batch_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
-        prob = model.predict_proba(x, timestep).cpu().numpy()[:, 0]
+        prob = model.predict_proba(x).cpu().numpy()[:, 0]
         scores += [dice(p >= model.config.threshold, m) for p, m in zip(prob, ds.masks[i:i + batch_size])]
-    return float(np.mean(scores))
+    return np.array(scores)
+
+
+def validation_metrics(model: Segmenter, ds: ArrayDataset, device, prefix: str) -> dict:
+    """Mean Dice over `ds` and per source: `{prefix}_dice`, `{prefix}_dice/<source>`."""
+    if not len(ds):
+        return {}
+    scores = predict_dice(model, ds, device)
+    out = {f"{prefix}_dice": float(scores.mean())}
+    sources = np.array(ds.sources)
+    for source in sorted(set(ds.sources)):
+        out[f"{prefix}_dice/{source or 'all'}"] = float(scores[sources == source].mean())
+    return out
 
 
 @torch.no_grad()
@@ -107,39 +139,37 @@ def reconstruction_dice(model: Segmenter, masks: np.ndarray, device, batch_size:
 
 # ---- stage 1 ---------------------------------------------------------------------------------
 
-def train_mask_autoencoder(model: Segmenter, train: ArrayDataset, val: ArrayDataset, cfg: FitConfig, device,
-                           log) -> float:
+def train_mask_autoencoder(model: Segmenter, train: ArrayDataset, val: ArrayDataset, recipe: Recipe, device,
+                           log, progress: bool) -> float:
     """Masks only: L1 reconstruction + soft Dice + a light KL term. Sets the latent scale factor."""
-    vae = model.mask_vae
+    spec, vae = recipe.stage1, model.mask_vae
     vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.mask_ae_lr, weight_decay=0.0)
-    augment = build_augmenter("standard" if cfg.augment != "none" else "none")
-    sampler = BatchSampler(train, cfg.mask_ae_batch_size, cfg.seed + 1, augment)
+    opt = torch.optim.AdamW(vae.parameters(), lr=spec.lr, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, 0, spec.steps)
+    augment = build_augmenter("standard" if recipe.augment.preset != "none" else "none")
+    sampler = BatchSampler(train, spec.batch_size, sample_seed(recipe.seed, 1), augment)
     best = 0.0
-    with _progress(cfg.progress) as bar:
-        task = bar.add_task("stage 1: mask autoencoder", total=cfg.mask_ae_steps, info="")
-        for step in range(1, cfg.mask_ae_steps + 1):
-            _, mask = sampler.next()
+    with _progress(progress) as bar:
+        task = bar.add_task("stage 1: mask autoencoder", total=spec.steps, info="")
+        for step in range(1, spec.steps + 1):
+            _, mask = sampler.batch(step)
             mask = mask.to(device)
-            lr = cfg.mask_ae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.mask_ae_steps))
-            for g in opt.param_groups:
-                g["lr"] = lr
+            gen = torch.Generator(device=device).manual_seed(sample_seed(recipe.seed, 1, step))
             post = vae.encode(model.mask_fold(mask * 2 - 1)).latent_dist
-            rec = model.mask_unfold(vae.decode(post.sample()).sample)
+            rec = model.mask_unfold(vae.decode(post.sample(generator=gen)).sample)
             prob = ((rec + 1) / 2).clamp(0, 1)
-            inter = (prob * mask).sum((1, 2, 3))
-            soft_dice = (2 * inter + 1) / (prob.sum((1, 2, 3)) + mask.sum((1, 2, 3)) + 1)
-            loss = F.l1_loss(rec, mask * 2 - 1) + (1 - soft_dice).mean() + 1e-6 * post.kl().mean()
+            loss = F.l1_loss(rec, mask * 2 - 1) + (1 - soft_dice(prob, mask)).mean() + 1e-6 * post.kl().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if step % 100 == 0 or step == cfg.mask_ae_steps:
-                best = reconstruction_dice(model, val.masks, device)
+            sched.step()
+            if step % 100 == 0 or step == spec.steps:
+                best = reconstruction_dice(model, val.masks if len(val) else train.masks[:64], device)
                 vae.train()
                 log({"stage": 1, "step": step, "loss": loss.item(), "recon_dice": best})
                 bar.update(task, info=f"loss {loss.item():.4f} recon dice {best:.4f}")
-                if best >= cfg.mask_ae_target_dice and step >= cfg.mask_ae_steps // 4:
-                    bar.update(task, completed=cfg.mask_ae_steps)
+                if best >= spec.target_dice and step >= spec.steps // 4:
+                    bar.update(task, completed=spec.steps)
                     break
             bar.advance(task)
     vae.eval().requires_grad_(False)
@@ -153,28 +183,27 @@ def train_mask_autoencoder(model: Segmenter, train: ArrayDataset, val: ArrayData
 
 # ---- resumable state -------------------------------------------------------------------------
 
-def _save_state(path: Path, model, ema: dict, opt, step: int, best: float, extra: dict) -> None:
-    path.mkdir(parents=True, exist_ok=True)
+def _save_state(path: Path, model, ema: EMAModel, opt, step: int, best: float) -> None:
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.items()})
+    tensors.update({f"ema.{i}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)})
     opt_state = opt.state_dict()
     for idx, st in opt_state["state"].items():
         for name, value in st.items():
             tensors[f"opt.{idx}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
-    meta = {"step": step, "best_dice": best, "model_config": dataclasses.asdict(model.config),
-            "param_groups": opt_state["param_groups"], **extra}
-    save_file(tensors, str(path / "state.safetensors.tmp"))
-    (path / "state.json.tmp").write_text(json.dumps(meta, indent=1))
-    (path / "state.safetensors.tmp").replace(path / "state.safetensors")
-    (path / "state.json.tmp").replace(path / "state.json")
+    meta = {"step": step, "best": best, "model_config": model.config.to_dict(),
+            "ema_optimization_step": ema.optimization_step, "param_groups": opt_state["param_groups"]}
+    with atomic_path(path / "state.safetensors") as tmp_t, atomic_path(path / "state.json") as tmp_j:
+        save_file(tensors, str(tmp_t))
+        tmp_j.write_text(json.dumps(meta, indent=1))
 
 
-def _load_state(path: Path, model, ema: dict, opt) -> dict:
+def _load_state(path: Path, model, ema: EMAModel, opt) -> dict:
     meta = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "state.safetensors"))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    for k in ema:
-        ema[k].copy_(tensors[f"ema.{k}"])
+    for i, p in enumerate(ema.shadow_params):
+        p.copy_(tensors[f"ema.{i}"])
+    ema.optimization_step = meta["ema_optimization_step"]
     state: dict = {}
     for key, value in tensors.items():
         if key.startswith("opt."):
@@ -184,129 +213,255 @@ def _load_state(path: Path, model, ema: dict, opt) -> dict:
     return meta
 
 
+# ---- preparing a run: every input checked before anything is written ----------------------------
+
+def _check_inputs(recipe: Recipe) -> None:
+    for label, value in (("model.init_vae", recipe.model.init_vae), ("model.init_from", recipe.model.init_from),
+                         ("synthetic.path", recipe.synthetic.path), ("split.file", recipe.split.file)):
+        if value and not Path(value).exists():
+            raise RecipeError(f"{label}: {value} does not exist")
+    if recipe.model.preset == "sd" and not recipe.model.init_vae:
+        raise RecipeError("model.init_vae: the sd preset needs a local Stable Diffusion VAE folder")
+
+
+def make_split(recipe: Recipe, ds: ArrayDataset) -> dict:
+    spec = recipe.split
+    if spec.policy == "file":
+        split = json.loads(Path(spec.file).read_text())
+        split.setdefault("select", [])
+    else:
+        split = grouped_split(ds, spec.val_fraction, spec.select_fraction, spec.seed,
+                              holdout=spec.holdout if spec.policy == "holdout-source" else None)
+    apply_split(ds, split)  # refuses leaks and unknown stems
+    return split
+
+
+def _build_model(recipe: Recipe, device) -> tuple[Segmenter, bool]:
+    """(model, needs stage 1)."""
+    torch.manual_seed(recipe.seed)
+    if recipe.model.init_from:
+        model = Segmenter.from_pretrained(recipe.model.init_from).to(device)
+        owned = recipe.model_config_().to_dict()
+        for key in ("latent_loss_weight", "mask_loss_weight", "mask_loss_type", "tversky_beta", "focal_gamma",
+                    "timestep_sampling", "focus_prob", "inference_timestep"):
+            setattr(model.config, key, owned[key])
+        for key, value in recipe.model.overrides.items():
+            setattr(model.config, key, value)
+        return model, False
+    model = Segmenter(recipe.model_config_()).to(device)
+    if recipe.model.init_vae:
+        init_from_sd_vae(model, recipe.model.init_vae)
+        return model, False
+    return model, True
+
+
 # ---- stage 2 ---------------------------------------------------------------------------------
 
-def fit(cfg: FitConfig) -> dict:
-    """Train (or resume) a segmenter; returns the best validation Dice and where it was written."""
-    out = Path(cfg.out)
+def fit(recipe: Recipe, opts: RunOptions) -> dict:
+    """Train (or resume) a recipe into `opts.out`; returns where the model is and its scores."""
+    out = Path(opts.out)
+    _check_inputs(recipe)
+    if (out / RECIPE_NAME).is_file():  # an existing run: only the same recipe may continue it
+        recorded = load_recipe(out / RECIPE_NAME)
+        changed = recipe_diff(recorded, recipe)
+        if changed:
+            raise RecipeError(f"{out} holds a run of another recipe (differs in {', '.join(changed[:5])}); "
+                              "resume it with its own recipe or choose a new --out")
+    device = resolve_device(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    cache = {"cache_dir": Path(opts.cache_dir)} if opts.cache_dir else {}
+    sources = load_sources(recipe.data, recipe.image_size, recipe.split.phash_threshold, progress=opts.progress, **cache)
+    ds = sources.ds
+    if (out / "manifest.json").is_file():
+        why = manifest_mismatch(json.loads((out / "manifest.json").read_text()), sources.manifest)
+        if why:
+            raise RecipeError(f"{out} was trained on other data: {why}")
+        split = json.loads((out / "split.json").read_text())
+        apply_split(ds, split)
+    else:
+        split = make_split(recipe, ds)
+    train, val = apply_split(ds, split)
+    select = apply_split(ds, split, "select")
+    if recipe.synthetic.path:  # built on real frames: those of held-out images must stay out
+        from .synthetic import load_synthetic, synthetic_count
+
+        held_out = [s.split("/", 1)[-1] for s in split["val"] + split["select"]]
+        count = synthetic_count(recipe.synthetic.count, recipe.synthetic.ratio, len(train))
+        train = train.concat(load_synthetic(recipe.synthetic.path, count, recipe.image_size, recipe.seed,
+                                            exclude=held_out).prefixed("synthetic"))
+
+    # ---- records: written once, before training, so a crashed run still says what it was
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+    if not (out / RECIPE_NAME).is_file():
+        write_text(out / "manifest.json", json.dumps(sources.manifest, indent=1))
+        write_text(out / "split.json", json.dumps(split, indent=1))
+        write_text(out / "run.json", json.dumps({
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv,
+            "threads": torch.get_num_threads(), "device": str(device), "libraries": library_versions(),
+            "data": {"train": len(train), "select": len(select), "val": len(val)}}, indent=1))
+        write_text(out / RECIPE_NAME, recipe.to_toml())
     log_file = (out / "log.jsonl").open("a")
+    started = time.time()
 
     def log(row: dict) -> None:
-        log_file.write(json.dumps({"time": round(time.time(), 1), **row}) + "\n")
+        log_file.write(json.dumps({"wall_s": round(time.time() - started, 1), **row}) + "\n")
         log_file.flush()
 
+    print(f"data: {len(train)} train, {len(select)} select, {len(val)} validation images "
+          f"({', '.join(s.name for s in recipe.data)}); threads {torch.get_num_threads()}")
+
     state_dir = out / "state"
-    needs_stage1 = False
     resuming = (state_dir / "state.json").is_file()
     if resuming:
         meta = json.loads((state_dir / "state.json").read_text())
         model = Segmenter(SegmenterConfig.from_dict(meta["model_config"])).to(device)
     elif (out / "mask_ae" / "config.json").is_file():  # interrupted between stage 1 and stage 2
         model = Segmenter.from_pretrained(out / "mask_ae").to(device)
-    elif cfg.init_from:
-        model = Segmenter.from_pretrained(cfg.init_from).to(device)
-        for k, v in cfg.model_overrides.items():
-            setattr(model.config, k, v)
     else:
-        model = Segmenter(preset_config(cfg.preset, **{"image_size": cfg.image_size, **cfg.model_overrides})).to(device)
-        if cfg.init_vae:
-            init_from_sd_vae(model, cfg.init_vae)
-        elif cfg.preset == "sd":
-            raise SystemExit("the sd preset needs --init-vae PATH (a local Stable Diffusion VAE folder)")
-        else:
-            needs_stage1 = True
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
-    ds = load_dataset(cfg.data, model.config.image_size, cache_dir=cache, progress=cfg.progress) if cache else \
-        load_dataset(cfg.data, model.config.image_size, progress=cfg.progress)
-    split_path = Path(cfg.split_file) if cfg.split_file else out / "split.json"
-    if split_path.is_file():
-        split = json.loads(split_path.read_text())
-    else:
-        split = holdout_split(ds.stems, cfg.val_fraction, cfg.seed)
-        (out / "split.json").write_text(json.dumps(split, indent=1))
-    train, val = apply_split(ds, split)
-    if cfg.synthetic:  # built on real frames: those of validation images must stay out
-        from .synthetic import load_synthetic, synthetic_count
+        model, needs_stage1 = _build_model(recipe, device)
+        if needs_stage1:
+            rec = train_mask_autoencoder(model, train, select if len(select) else train.subset(range(min(64, len(train)))),
+                                         recipe, device, log, opts.progress)
+            model.save_pretrained(out / "mask_ae", extra={"stage": 1, "recon_dice": rec})
+            print(f"stage 1: mask autoencoder reconstruction Dice {rec:.4f}")
 
-        count = synthetic_count(cfg.synthetic_count, cfg.synthetic_ratio, len(train))
-        train = train.concat(load_synthetic(cfg.synthetic, count, model.config.image_size, cfg.seed, exclude=split["val"]))
-    print(f"data: {len(train)} train, {len(val)} validation images ({cfg.data})")
-
-    if needs_stage1:
-        rec = train_mask_autoencoder(model, train, val, cfg, device, log)
-        model.save_pretrained(out / "mask_ae", extra={"stage": 1, "recon_dice": rec})
-        print(f"stage 1: mask autoencoder reconstruction Dice {rec:.4f} on validation masks")
     model.mask_vae.eval().requires_grad_(False)
-    if cfg.freeze_encoder:
+    if recipe.model.freeze_encoder:
         model.vision_encoder.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    torch.manual_seed(recipe.seed)
+    opt = torch.optim.AdamW(params, lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay,
+                            betas=recipe.optim.betas)
+    ema = EMAModel(params, decay=recipe.ema.decay)
     step, best = 0, -1.0
     if resuming:
         meta = _load_state(state_dir, model, ema, opt)
-        step, best = meta["step"], meta["best_dice"]
-        print(f"resuming at step {step} (best validation Dice so far {best:.4f})")
-
-    def lr_at(s: int) -> float:
-        if s < cfg.warmup_steps:
-            return cfg.lr * (s + 1) / cfg.warmup_steps
-        frac = (s - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+        step, best = meta["step"], meta["best"]
+        print(f"resuming at step {step}")
+    make_sched = get_cosine_schedule_with_warmup if recipe.optim.schedule == "cosine" else get_constant_schedule_with_warmup
+    sched_args = (recipe.optim.warmup_steps, recipe.steps) if recipe.optim.schedule == "cosine" else (recipe.optim.warmup_steps,)
+    sched = make_sched(opt, *sched_args, last_epoch=step - 1)
 
     def ema_model() -> Segmenter:
-        m = Segmenter(model.config).to(device)
-        m.load_state_dict(model.state_dict())
-        with torch.no_grad():
-            named = dict(m.named_parameters())
-            for n, v in ema.items():
-                named[n].copy_(v)
+        m = copy.deepcopy(model)
+        ema.copy_to([p for p in m.parameters() if p.requires_grad])
         return m.eval()
 
-    sampler = BatchSampler(train, cfg.batch_size, cfg.seed, build_augmenter(cfg.augment), start_step=step)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + step)
+    sampler = BatchSampler(train, recipe.batch_size, recipe.seed, build_augmenter(recipe.augment.preset),
+                           sources.weights, image_weights=small_polyp_weights(train, recipe.sampling))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    started, start_step = time.time(), step
-    with _progress(cfg.progress) as bar:
-        task = bar.add_task("stage 2: segmenter", total=cfg.steps, completed=step, info="")
-        while step < cfg.steps:
+    stop = min(recipe.steps, opts.stop_at or recipe.steps)
+    t_steps, n_steps = 0.0, 0
+    with _progress(opts.progress) as bar, ThreadPoolExecutor(1) as loader:
+        task = bar.add_task("stage 2: segmenter", total=recipe.steps, completed=step, info="")
+        pending = loader.submit(sampler.batch, step) if step < stop else None
+        while step < stop:
+            t0 = time.time()
+            image, mask = pending.result()
+            pending = loader.submit(sampler.batch, step + 1) if step + 1 < stop else None  # prepared while this step runs
+            image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             model.train()
             model.mask_vae.eval()
-            image, mask = sampler.next()
-            image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+            gen = torch.Generator().manual_seed(sample_seed(recipe.seed, 2, step))
             with amp:
                 losses = model.training_losses(image, mask, generator=gen)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip)
+            lr = opt.param_groups[0]["lr"]
             opt.step()
+            sched.step()
+            ema.step(params)
             step += 1
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for n, p in zip(names, params):
-                    ema[n].lerp_(p.detach(), 1 - decay)
+            t_steps, n_steps = t_steps + time.time() - t0, n_steps + 1
             info = f"loss {losses['loss'].item():.4f}"
-            if step % cfg.val_every == 0 or step == cfg.steps:
+            row = None
+            if step % recipe.log_every == 0:
+                row = {"stage": 2, "step": step, "lr": lr, **{k: round(v.item(), 6) for k, v in losses.items()},
+                       "sec_per_step": round(t_steps / max(1, n_steps), 4)}
+            if step % recipe.val_every == 0 or step == recipe.steps:
                 scored = ema_model()
-                val_dice = validation_dice(scored, val, device)
-                row = {"stage": 2, "step": step, "lr": lr_at(step), "val_dice": val_dice,
-                       **{k: v.item() for k, v in losses.items()},
-                       "sec_per_step": (time.time() - started) / max(1, step - start_step)}
+                metrics = {**validation_metrics(scored, val, device, "val"),
+                           **validation_metrics(scored, select, device, "select")}
+                digest = weights_digest(scored)
+                row = {**(row or {"stage": 2, "step": step, "lr": lr,
+                                  **{k: round(v.item(), 6) for k, v in losses.items()}}),
+                       **{k: round(v, 5) for k, v in metrics.items()}, "ema_sha256": digest}
+                extra = {"step": step, "ema_sha256": digest, **{k: round(v, 5) for k, v in metrics.items()}}
+                if "select_dice" in metrics and metrics["select_dice"] > best:
+                    best = metrics["select_dice"]
+                    scored.save_pretrained(out / "best", extra=extra)
+                scored.save_pretrained(out / "last", extra=extra)
+                _save_state(state_dir, model, ema, opt, step, best)
+                info += f" val dice {metrics.get('val_dice', float('nan')):.4f}"
+            if row:
                 log(row)
-                if val_dice > best:
-                    best = val_dice
-                    scored.save_pretrained(out / "best", extra={"step": step, "val_dice": val_dice})
-                scored.save_pretrained(out / "last", extra={"step": step, "val_dice": val_dice})
-                _save_state(state_dir, model, ema, opt, step, best, {"fit_config": dataclasses.asdict(cfg)})
-                info += f" val dice {val_dice:.4f} (best {best:.4f})"
-            bar.update(task, advance=1, info=info)
+            bar.update(task, completed=step, info=info)
     log_file.close()
-    return {"best_dice": best, "best": str(out / "best"), "steps": step}
+    if step < recipe.steps:
+        return {"stopped_at": step, "out": str(out), "last": str(out / "last")}
+    return finish(out, recipe)
+
+
+def finish(out: Path, recipe: Recipe) -> dict:
+    """model/ = last/ (or best/ when a `select` split chose it), with the run's records copied in."""
+    chosen = out / ("best" if recipe.split.select_fraction > 0 and (out / "best").is_dir() else "last")
+    final = out / "model"
+    tmp = out / ".model.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(chosen, tmp)
+    for name in RECORDS:
+        if (out / name).is_file():
+            shutil.copy2(out / name, tmp / name)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.replace(final)
+    info = json.loads((final / "config.json").read_text())
+    return {"model": str(final), "chosen": chosen.name, "step": info.get("step"),
+            **{k: v for k, v in info.items() if k.startswith(("val_dice", "select_dice"))}}
+
+
+def load_run_recipe(checkpoint: str | Path) -> Recipe:
+    path = Path(checkpoint)
+    if not (path / RECIPE_NAME).is_file():
+        raise CheckpointError(f"{path}: no {RECIPE_NAME} (checkpoints from before recipes cannot be reproduced)")
+    return load_recipe(path / RECIPE_NAME)
+
+
+def reproduce(checkpoint: str | Path, opts: RunOptions) -> dict:
+    """Rerun a checkpoint's recorded recipe on the recorded data, then compare weights.
+
+    Checks the data against the recorded manifest before any work. With `stop_at`, stops at
+    that step and compares the EMA digest the original log recorded there (a spot check)."""
+    checkpoint = Path(checkpoint)
+    recipe = load_run_recipe(checkpoint)
+    if (checkpoint / "manifest.json").is_file():
+        recorded = json.loads((checkpoint / "manifest.json").read_text())
+        sources = load_sources(recipe.data, recipe.image_size, recipe.split.phash_threshold, progress=False)
+        why = manifest_mismatch(recorded, sources.manifest)
+        if why:
+            raise RecipeError(f"cannot reproduce {checkpoint}: {why}")
+    out = Path(opts.out)
+    run_json = json.loads((checkpoint / "run.json").read_text()) if (checkpoint / "run.json").is_file() else {}
+    if opts.threads is None and run_json.get("threads"):
+        opts = opts.model_copy(update={"threads": run_json["threads"]})
+    result = fit(recipe, opts)
+    logged = {}
+    if (checkpoint / "log.jsonl").is_file():
+        for line in (checkpoint / "log.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if "ema_sha256" in row:
+                logged[row["step"]] = row
+    step = result.get("stopped_at") or json.loads((out / "model" / "config.json").read_text())["step"]
+    mine = json.loads((out / "last" / "config.json").read_text())
+    want = logged.get(step)
+    report = {"checkpoint": str(checkpoint), "out": str(out), "step": step, "threads": torch.get_num_threads(),
+              "recorded_threads": run_json.get("threads"), "ema_sha256": mine.get("ema_sha256")}
+    if want is None:
+        report["identical"] = None
+        report["note"] = f"the original log recorded no digest at step {step}"
+    else:
+        report["identical"] = want["ema_sha256"] == mine.get("ema_sha256")
+        report["recorded_val_dice"] = want.get("val_dice")
+        report["val_dice"] = mine.get("val_dice")
+    return report

@@ -503,13 +503,13 @@ class ClipRun:
         return scorer.result()
 
 
-def run_clip(clip: Clip, backend, stages: dict | None = None, batch_size: int | None = None) -> ClipRun:
+def run_clip(clip: Clip, backend, stages=None, batch_size: int | None = None) -> ClipRun:
     """Play one clip through the runtime's `Pipeline` (recorded mode: every frame, in order);
-    `stages`: its smoothing, gating and preprocess arguments (`syndiff_stream.cli.profile_stages`)."""
+    `stages`: its stage chain (`syndiff_stream.stages.Stages.for_profile`, as `run` builds it)."""
     from syndiff_stream.pipeline import Pipeline
 
-    pipeline = Pipeline(clip.open(), backend, mode="recorded", batch_size=batch_size, **(stages or {}))
-    tap = pipeline.gate = _GateTap(pipeline.gate)
+    pipeline = Pipeline(clip.open(), backend, mode="recorded", batch_size=batch_size, stages=stages)
+    tap = pipeline.stages.gate = _GateTap(pipeline.stages.gate)
     recorder = _Recorder(clip.name, tap)
     pipeline.sinks.append(recorder)
     stats = pipeline.run()
@@ -553,13 +553,13 @@ def evaluate_clips(clips: list[Clip], backend, settings: EvalSettings = EvalSett
                    profile=None) -> tuple[dict, list[ClipRun], list[dict]]:
     """Run every clip through the runtime, with the stages `run` builds (smoothing, gating and a
     calibration profile's preprocessing), and score it -> (JSON-ready result, runs, clip scores)."""
-    from syndiff_stream.cli import profile_stages
+    from syndiff_stream.stages import Stages
 
     runs, scores = [], []
     for i, clip in enumerate(clips):
         if on_clip:
             on_clip(i, clip)
-        run = run_clip(clip, backend, profile_stages(profile, backend, settings.smooth, settings.gating))
+        run = run_clip(clip, backend, Stages.for_profile(backend, profile, settings.smooth, settings.gating))
         runs.append(run)
         scores.append(run.score(settings.rules))
     lat = np.asarray([x for r in runs for x in r.latencies]) * 1000

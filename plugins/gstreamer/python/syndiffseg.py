@@ -106,9 +106,7 @@ class SyndiffSeg(GstBase.BaseTransform):
 def attach_polyps(buf, result) -> None:
     import cv2
 
-    from syndiff_stream.postprocess import find_polyps
-
-    for ident, polyp in enumerate(find_polyps(result.mask, result.prob)):
+    for ident, polyp in enumerate(result.polyps):  # found by the stage chain, as for the CLI
         x0, y0, x1, y1 = polyp.box
         roi = GstVideo.buffer_add_video_region_of_interest_meta(buf, "polyp", x0, y0, x1 - x0, y1 - y0)
         roi.id = ident  # 0..n-1, so readers can fetch each by id (see read_polyps.py)
