@@ -32,6 +32,7 @@ from .engine import Prepared, Preprocessor
 from .frames import Frame
 from .metrics import dice
 from .preprocess import FOV_THRESHOLD, FieldOfView, crop_resize, find_field_of_view, prepare, to_source
+from .gating import GateConfig
 from .smoothing import SmoothingConfig, evaluate_smoothing
 
 PROFILE_FORMAT = "syndiff-stream/calibration-profile"
@@ -103,6 +104,17 @@ class SmoothingSpec(_Strict):
                                mismatch=self.mismatch, support=self.support)
 
 
+class GatingSpec(_Strict):
+    """Alarm gating (`gating.GateConfig`): report a polyp from its `persist`-th consecutive frame,
+    keep it `hold` frames after it vanishes."""
+
+    persist: int = Field(GateConfig.persist, ge=1)
+    hold: int = Field(GateConfig.hold, ge=0)
+
+    def config(self) -> GateConfig:
+        return GateConfig(persist=self.persist, hold=self.hold)
+
+
 class ColorSpec(_Strict):
     """out = clip(gain * in + offset) per RGB channel, before the model; overlays keep the original."""
 
@@ -143,6 +155,7 @@ class Profile(_Strict):
     fov: FovSpec = FovSpec()
     threshold: float = Field(0.5, gt=0, lt=1)
     smoothing: SmoothingSpec = SmoothingSpec()
+    gating: GatingSpec = GatingSpec()
     color: ColorSpec = ColorSpec()
     int8: Int8Manifest | None = None
     calibrated: dict = Field(default_factory=dict)  # provenance: when, on what, the scores measured

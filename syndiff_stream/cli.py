@@ -74,6 +74,9 @@ PROFILE_HELP = "calibration profile (.json/.yaml): field of view, threshold, smo
 REMOTE_HELP = "allow --publish on an address other machines reach (warns; see --curve-secret)"
 CURVE_SECRET_HELP = "encrypt with CURVE: the publisher's .key_secret file from `syndiff-stream keys`"
 CURVE_ALLOW_HELP = "with --curve-secret: accept only clients whose .key files are in this folder"
+GATE_PERSIST_HELP = ("alarm gating: report (draw, publish) a polyp from its Nth consecutive frame; 1: at once "
+                     "(default: the profile's, else 3)")
+GATE_HOLD_HELP = "alarm gating: keep a reported polyp M frames after it vanishes (default: the profile's, else 0)"
 RELIABLE_HELP = ("also bind this ZeroMQ endpoint for ONE consumer that gets every frame exactly once, in "
                  "order (PUSH/PULL; Subscriber(reliable=True)); the run waits for it, up to 60 s without progress")
 RECONNECT_HELP = ("network/device sources: after a disconnect, reconnect with backoff for up to this many "
@@ -228,6 +231,8 @@ def run(
     batch: Optional[int] = typer.Option(None, help="frames per inference batch (default: 4 recorded, 1 live)"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: all cores)"),
     smooth: bool = typer.Option(True, help="temporal smoothing (EMA warped along the optical flow, minimum area)"),
+    gate_persist: Optional[int] = typer.Option(None, help=GATE_PERSIST_HELP),
+    gate_hold: Optional[int] = typer.Option(None, help=GATE_HOLD_HELP),
     max_frames: Optional[int] = typer.Option(None, help="stop after this many source frames"),
     fps: Optional[float] = typer.Option(None, help="frame rate of demo / folder / pseudo sources"),
     quiet: bool = typer.Option(False, help="no live status line"),
@@ -254,6 +259,7 @@ def run(
     console = Console(stderr=True)
     mode_ = check_mode(mode)
     profile_ = read_profile(profile)
+    gating = gating_config(profile_, gate_persist, gate_hold)
     dev = pick_device(device)
     seg = load_model(model)  # a bad checkpoint fails before the source is even opened
     # Live mode on a file plays it at its own frame rate, as a scope would deliver it.
@@ -283,7 +289,7 @@ def run(
     if publish and wait_subscribers and not sinks[0].wait_for_subscribers(wait_subscribers, timeout=60):
         fail(f"--wait-subscribers {wait_subscribers}: not enough subscribers on {publish} within 60 s")
     pipeline = Pipeline(src, backend_, sinks, mode=mode_, batch_size=batch, max_frames=max_frames,
-                        stages=Stages.for_profile(backend_, profile_, smooth))
+                        stages=Stages.for_profile(backend_, profile_, smooth, gating))
     console.print(pipeline.describe(), soft_wrap=True)
     with StopOnSignal() as stopper:
         if quiet or not console.is_terminal:  # piped: no redrawn status line, just the final one
@@ -516,6 +522,17 @@ def apply_profile_checks(profile, source) -> None:
         except ProfileError as exc:
             source.close()
             fail(str(exc))
+
+
+def gating_config(profile=None, persist: Optional[int] = None, hold: Optional[int] = None):
+    """Alarm gating: the command line's values over the profile's over the defaults."""
+    from .gating import GateConfig
+
+    base = profile.gating.config() if profile is not None else GateConfig()
+    try:
+        return GateConfig(persist=base.persist if persist is None else persist, hold=base.hold if hold is None else hold)
+    except ValueError as exc:
+        fail(f"--gate-persist/--gate-hold: {exc}")
 
 
 @app.command()

@@ -1,6 +1,6 @@
 """The streaming graph, wired in one place:
 
-    source -> preprocess -> [frame buffer: recorded | live] -> backend -> smoother -> polyps -> sinks
+    source -> preprocess -> [frame buffer: recorded | live] -> backend -> smoother -> polyps -> gate -> sinks
 
 Three threads overlap the work: decode (source + CPU preprocessing), inference (batches from the
 buffer through the backend; on CUDA, two batches in flight on separate streams; on CPU with ONNX
@@ -26,6 +26,7 @@ import numpy as np
 from .backends import Backend
 from .engine import Prepared, Preprocessor, make_runner
 from .frames import Closed, FrameBuffer, Mode, Result
+from .gating import GateConfig
 from .smoothing import SmoothingConfig
 from .sources import Source
 from .stages import Stages
@@ -94,11 +95,12 @@ class Pipeline:
                  smoothing: SmoothingConfig | None = None, batch_size: int | None = None,
                  buffer_size: int | None = None, max_frames: int | None = None,
                  preprocess: Preprocessor | None = None, heartbeat_every: float = 1.0,
-                 stages: Stages | None = None):
+                 stages: Stages | None = None, gating: GateConfig | None = None):
         """`smoothing=None` keeps the model's per-frame masks (prob >= threshold); `batch_size`
         defaults to 4 in recorded mode and 1 in live mode (batching adds latency); `preprocess`
         replaces the default stage (e.g. a calibration profile's ProfilePreprocessor); `stages` gives
-        the whole chain instead (`Stages.for_profile`), then `preprocess` and `smoothing` are unused; sinks with a
+        the whole chain instead (`Stages.for_profile`), then `preprocess`, `smoothing` and `gating` are
+        unused; `gating=None` reports every polyp at once (`GateConfig.off()`); sinks with a
         `status(dict)` method (the publisher) get the run's state every `heartbeat_every` seconds."""
         self.mode = Mode(mode) if mode else source.default_mode
         live = self.mode is Mode.LIVE
@@ -106,7 +108,7 @@ class Pipeline:
         self.max_frames = max_frames
         # ---- the graph: the stage chain (stages.py) on three threads, plus buffer and sinks ------
         self.source = source
-        self.stages = stages or Stages(backend, preprocess, smoothing)
+        self.stages = stages or Stages(backend, preprocess, smoothing, gating)
         self.preprocess = self.stages.preprocess
         self.buffer = FrameBuffer(buffer_size or (1 if live else 2 * self.batch_size), self.mode)
         # Recorded: as many batches in flight as the backend runs well at once (throughput).
@@ -131,7 +133,7 @@ class Pipeline:
         return (f"{self.source.source_id} -> preprocess {self.backend.input_size}px -> {self.mode.value} buffer "
                 f"({self.buffer.capacity}) -> {self.backend.name} on {self.backend.device} (batch {self.batch_size}"
                 f"{f' x {self.runner.depth} in flight' if self.runner.depth > 1 else ''}) "
-                f"-> smoothing {smooth} -> polyps -> {sinks}")
+                f"-> smoothing {smooth} -> polyps -> gating {self.stages.gate.config.describe()} -> {sinks}")
 
     # ---- stage loops ----------------------------------------------------------------------------
     def _decode(self) -> None:

@@ -1,6 +1,6 @@
 """The stage chain every way of segmenting goes through, so a guard added here holds everywhere:
 
-    preprocess (field of view, profile colour) -> backend (runner) -> guard (NaN/inf) -> smoother -> polyps
+    preprocess (field of view, profile colour) -> backend (runner) -> guard (NaN/inf) -> smoother -> polyps -> gate
 
 `Pipeline` runs these stages on its threads (decode, inference, finish); `FrameSegmenter` (the
 GStreamer and Holoscan plugins), `predict` and `calibrate` call the same objects one frame or one
@@ -17,6 +17,7 @@ import numpy as np
 from .backends import Backend
 from .engine import Prepared, Preprocessor, make_runner
 from .frames import Frame, Result
+from .gating import AlarmGate, GateConfig
 from .postprocess import find_polyps
 from .smoothing import Smoother, SmoothingConfig
 
@@ -35,28 +36,31 @@ class Stages:
     """The stages after decoding, as one object.
 
     `preprocess` replaces the default stage (e.g. a profile's ProfilePreprocessor); `smoothing`
-    None keeps the model's per-frame masks (prob >= the model's threshold)."""
+    None keeps the model's per-frame masks (prob >= the model's threshold); `gating` None reports
+    every polyp at once (`GateConfig.off()`)."""
 
     def __init__(self, backend: Backend, preprocess: Preprocessor | None = None,
-                 smoothing: SmoothingConfig | None = None):
+                 smoothing: SmoothingConfig | None = None, gating: GateConfig | None = None):
         self.backend = backend
         self.preprocess = preprocess or Preprocessor(backend.input_size, on_device=backend.device.type == "cuda")
         self.smoother = Smoother(smoothing or SmoothingConfig.off(backend.seg.config.threshold))
         self.find_polyps = find_polyps
+        self.gate = AlarmGate(gating or GateConfig.off())  # reported polyps only; frames pass untouched
         self.invalid = 0  # frames whose model output had NaN/inf
         self._runner = None
 
     @classmethod
-    def for_profile(cls, backend: Backend, profile=None, smooth: bool = True) -> "Stages":
+    def for_profile(cls, backend: Backend, profile=None, smooth: bool = True,
+                    gating: GateConfig | None = None) -> "Stages":
         """With a calibration profile: its preprocess stage (field of view, colour) and smoothing;
-        without: the defaults (field of view found per frame, `default_smoothing`)."""
+        without: the defaults (field of view found per frame, `default_smoothing`); `gating` as given."""
         from .calibration import ProfilePreprocessor
 
         if profile is None:
-            return cls(backend, smoothing=default_smoothing(smooth, backend.seg.config.threshold))
+            return cls(backend, smoothing=default_smoothing(smooth, backend.seg.config.threshold), gating=gating)
         on_device = backend.device.type == "cuda"
         return cls(backend, ProfilePreprocessor(backend.input_size, profile, on_device=on_device),
-                   profile.smoothing_config(smooth))
+                   profile.smoothing_config(smooth), gating)
 
     @property
     def runner(self):
@@ -77,12 +81,16 @@ class Stages:
             # mask. An empty mask flagged invalid, kept out of the EMA's memory.
             self.invalid += 1
             self.smoother.reset()
+            self.gate.reset()
             empty = np.zeros(frame.shape, np.float32)
             return Result(frame, empty, empty.astype(bool), [], item.fov,
                           time.time() - frame.capture_time, valid=False)
+        cuts = self.smoother.cuts
         prob_src, mask = self.smoother.update(frame.image, prob, item.fov)
-        return Result(frame, prob_src, mask, self.find_polyps(mask, prob_src), item.fov,
-                      time.time() - frame.capture_time)
+        if self.smoother.cuts != cuts:  # a scene cut: a polyp before it is not the one after it
+            self.gate.reset()
+        mask, polyps = self.gate.update(mask, self.find_polyps(mask, prob_src))
+        return Result(frame, prob_src, mask, polyps, item.fov, time.time() - frame.capture_time)
 
     def __call__(self, frame: Frame) -> Result:
         """One frame through every stage, in order (no threads, no queues)."""

@@ -93,3 +93,23 @@ def test_measure_smoothing_on_a_tiny_sequence_folder(rt_tiny_model_dir, tmp_path
     report = json.loads((tmp_path / "r.json").read_text())["cvc x1"]
     assert report["off"]["frames"] == report["default"]["frames"] == 6
     assert {"dice", "fp_frames", "flicker", "flicker_truth"} <= set(report["default"])
+
+
+def test_clinicdb_clips_then_eval_video_on_a_clip(rt_tiny_model_dir, tmp_path):
+    """Sequences -> clips + mask folders, which `eval-video` takes as a video with masks."""
+    (tmp_path / "d" / "images").mkdir(parents=True)
+    (tmp_path / "d" / "masks").mkdir()
+    for n in range(1, 7):
+        image = np.full((48, 64, 3), 120, np.uint8)
+        cv2.circle(image, (20 + n, 24), 8, (220, 120, 110), -1)
+        cv2.imwrite(str(tmp_path / "d" / "images" / f"{n}.png"), image)
+        cv2.imwrite(str(tmp_path / "d" / "masks" / f"{n}.png"), cv2.circle(np.zeros((48, 64), np.uint8), (20 + n, 24), 8, 255, -1))
+    (tmp_path / "d" / "sequences.csv").write_text("frame,sequence\n" + "".join(f"{n},{1 + n // 4}\n" for n in range(1, 7)))
+    done = example("clinicdb_clips.py", tmp_path / "d", tmp_path / "clips", env_model=rt_tiny_model_dir)
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "clips" / "seq-01-masks").glob("*.png"))) == 3
+    done = subprocess.run([sys.executable, "-m", "syndiff_trainer.cli", "eval-video", str(tmp_path / "clips" / "seq-02.mp4"),
+                           "--masks", str(tmp_path / "clips" / "seq-02-masks"), "--model", str(rt_tiny_model_dir),
+                           "--backend", "eager", "--device", "cpu", "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert '"frames": 3' in done.stdout

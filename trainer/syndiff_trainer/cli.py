@@ -342,5 +342,36 @@ def ablate(
     typer.echo(json.dumps({"out": str(out), "rows": len(summary["rows"])}))
 
 
+@app.command("eval-video")
+def eval_video(
+    source: str = typer.Argument(..., help="video file (with --masks), folder with sequences.csv, or pseudo:FOLDER"),
+    masks: Optional[Path] = typer.Option(None, metavar="DIR", help="video input: folder of one mask per frame, in frame order"),
+    fps: Optional[float] = typer.Option(None, metavar="X", help="frame rate the frames are played at (sequences, pseudo: 25; video: its own)"),
+    model: Optional[Path] = typer.Option(None, metavar="DIR", help="checkpoint folder; default: the shipped compact model"),
+    backend: str = typer.Option("auto", metavar="BACKEND", help="eager | compile | onnx | tensorrt | auto, as in syndiff-stream run"),
+    device: str = typer.Option("auto", metavar="DEVICE"),
+    threads: Optional[int] = typer.Option(None, metavar="N"),
+    profile: Optional[Path] = typer.Option(None, metavar="FILE", help="calibration profile, as in run (preprocessing, threshold, smoothing, gating)"),
+    smooth: bool = typer.Option(True, help="temporal smoothing, as in run"),
+    gate_persist: Optional[int] = typer.Option(None, metavar="N", help="report a polyp from its Nth consecutive frame (default: as run)"),
+    gate_hold: Optional[int] = typer.Option(None, metavar="N", help="keep a reported polyp M frames after it vanishes (default: as run)"),
+    polyps: str = typer.Option("auto", metavar="RULE", help="truth polyps: overlap (tracks), clip (one per clip), auto (clip for sequences)"),
+    hit_iou: float = typer.Option(0.1, metavar="X", help="a polyp is hit when the predictions touching it reach this IoU"),
+    min_hits: int = typer.Option(1, metavar="N", help="... and detected when hit in this many consecutive frames"),
+    fa_frames: int = typer.Option(1, metavar="N", help="a false alarm lasting this many frames is one event"),
+    sweep: str = typer.Option("1-8", metavar="LIST", help="gating persistence values to trade off (e.g. 1-8 or 1,3,5; '' for none)"),
+    sweep_hold: str = typer.Option("", metavar="LIST", help="gating hold values for the trade-off, e.g. 0,5 (default: --gate-hold)"),
+    limit: Optional[int] = typer.Option(None, metavar="N", help="only the first N sequences / images"),
+    frames_per_image: int = typer.Option(30, metavar="N", help="pseudo: frames per still image"),
+    report: Optional[Path] = typer.Option(None, metavar="DIR", help="write a self-contained HTML report (index.html) here"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Clinical video evaluation: per-polyp sensitivity, time to first detection, false alarms per minute, flicker."""
+    args = dict(locals())
+    from .video_eval import run_eval_video
+
+    run_eval_video(**args)
+
+
 if __name__ == "__main__":
     app()
