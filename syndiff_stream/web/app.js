@@ -1,0 +1,99 @@
+// syndiff-stream serve: draw the newest frame, its boxes and the counters; ask for the next frame
+// only after this one is on screen, so a slow page skips frames instead of queueing them.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const canvas = $("canvas"), ctx = canvas.getContext("2d");
+const drawTimes = [], ages = [];
+// Read by tests and by the latency measurement (docs/serve.md).
+window.syndiff = { shown: 0, ages, lastSeq: 0, lastState: null };
+
+function fmt(v, digits = 0, unit = "") { return v == null ? "-" : v.toFixed(digits) + unit; }
+
+function showState(state, skipped) {
+  window.syndiff.lastState = state.state;
+  const badge = $("state");
+  badge.textContent = state.state;
+  badge.className = "badge " + state.state;
+  $("source").textContent = state.source_id || "";
+  $("detail").textContent = state.detail || "";
+  if (state.received != null) {
+    $("stream-fps").textContent = fmt(state.fps, 1);
+    $("received").textContent = state.received;
+  }
+  const p = state.publisher || {};
+  $("drops").textContent = p.dropped == null ? "-" : p.dropped;
+  $("skipped").textContent = skipped == null ? "-" : skipped;
+  const stale = state.state !== "streaming";
+  $("video").classList.toggle("stale", stale);
+  $("banner").hidden = !stale;
+  $("banner").textContent = stale ? state.state + (window.syndiff.shown ? ": last frame shown is old" : "") : "";
+}
+
+function drawFrame(bitmap, header) {
+  if (canvas.width !== bitmap.width || canvas.height !== bitmap.height) {
+    canvas.width = bitmap.width;
+    canvas.height = bitmap.height;
+  }
+  ctx.drawImage(bitmap, 0, 0);
+  const line = Math.max(1, Math.round(bitmap.width / 360));
+  ctx.lineWidth = line;
+  ctx.strokeStyle = ctx.fillStyle = "#ffdc00";
+  ctx.font = `${6 * line + 6}px sans-serif`;
+  const list = $("boxes");
+  list.replaceChildren();
+  for (const p of header.polyps || []) {
+    const [x0, y0, x1, y1] = p.box;
+    ctx.strokeRect(x0 + line / 2, y0 + line / 2, x1 - x0 - line, y1 - y0 - line);
+    ctx.fillText(p.score.toFixed(2), x0, Math.max(y0 - 3, 12));
+    const item = document.createElement("li");
+    item.textContent = `[${p.box.join(", ")}] area ${p.area} score ${p.score.toFixed(2)}`;
+    list.append(item);
+  }
+}
+
+function showFrame(meta, age) {
+  const header = meta.header, now = performance.now();
+  drawTimes.push(now);
+  while (drawTimes.length && now - drawTimes[0] > 2000) drawTimes.shift();
+  const fps = drawTimes.length > 1 ? (drawTimes.length - 1) * 1000 / (now - drawTimes[0]) : null;
+  window.syndiff.shown += 1;
+  window.syndiff.lastSeq = meta.seq;
+  ages.push(age);
+  if (ages.length > 1000) ages.shift();
+  $("polyps").textContent = header.valid === false ? "no answer" : header.polyps_total;
+  $("fps").textContent = fmt(fps, 1);
+  $("latency").textContent = fmt(header.latency_ms, 1, " ms");
+  $("age").textContent = fmt(age, 0, " ms");
+  $("frames").textContent = window.syndiff.shown;
+}
+
+function connect() {
+  const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws");
+  ws.binaryType = "arraybuffer";
+  ws.onmessage = async (event) => {
+    if (typeof event.data === "string") {
+      const msg = JSON.parse(event.data);
+      showState(msg.state, msg.skipped);
+      return;
+    }
+    const n = new DataView(event.data).getUint32(0);
+    const meta = JSON.parse(new TextDecoder().decode(new Uint8Array(event.data, 4, n)));
+    let bitmap = null;
+    try {
+      bitmap = await createImageBitmap(new Blob([new Uint8Array(event.data, 4 + n)], { type: "image/jpeg" }));
+    } catch (err) { /* a frame the browser cannot decode: skip it */ }
+    requestAnimationFrame(() => {
+      if (bitmap) { drawFrame(bitmap, meta.header); bitmap.close(); }
+      // Age when drawn: just before the paint that shows it, on this machine's clock.
+      const age = meta.header.capture_time ? Date.now() - meta.header.capture_time * 1000 : null;
+      showFrame(meta, age);
+      showState(meta.state, meta.skipped);
+      if (ws.readyState === WebSocket.OPEN) ws.send("ready");
+    });
+  };
+  ws.onclose = () => {
+    showState({ state: "reconnecting", detail: "the page lost its connection to syndiff-stream serve", publisher: {} });
+    setTimeout(connect, 1000);
+  };
+}
+connect();
