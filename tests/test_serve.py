@@ -180,9 +180,12 @@ def test_page_shows_the_live_overlay_counters_and_a_stopped_publisher(served, rt
             x0, y0, x1, y1 = (int(round(v)) for v in r)
             canvas = shot[y0:y1, x0:x1].astype(int)
             assert canvas.shape[0] > 100 and canvas.shape[1] > 100
-            green = (np.abs(canvas - (0, 255, 120)) < 40).all(-1).sum()
-            yellow = (np.abs(canvas - (255, 220, 0)) < 40).all(-1).sum()
-            assert green > 50, f"no overlay outline pixels on the canvas (see {tmp_path / 'page.png'})"
+            r_, g_, b_ = canvas[..., 0], canvas[..., 1], canvas[..., 2]
+            # Outline (0, 255, 120) and boxes (255, 220, 0), after JPEG and scaling: nothing in the
+            # red-pink demo scene or its black surround is either.
+            green = ((g_ > 140) & (g_ - r_ > 60) & (g_ - b_ > 20)).sum()
+            yellow = ((r_ > 170) & (g_ > 150) & (b_ < 90)).sum()
+            assert green > 200, f"no overlay outline pixels on the canvas (see {tmp_path / 'page.png'})"
             assert yellow > 20, f"no box pixels on the canvas (see {tmp_path / 'page.png'})"
 
             run.stop()  # the publisher goes away: the page says so and stays live

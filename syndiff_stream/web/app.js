@@ -67,13 +67,28 @@ function showFrame(meta, age) {
   $("frames").textContent = window.syndiff.shown;
 }
 
+// The newest decoded frame waits here for the next paint; the server may send the one after it
+// meanwhile (at most one in flight), so fetching and decoding overlap drawing without a backlog.
+let pending = null, painting = false, dropped = 0;
+
+function paint() {
+  painting = false;
+  const { bitmap, meta } = pending;
+  pending = null;
+  if (bitmap) { drawFrame(bitmap, meta.header); bitmap.close(); }
+  // Age when drawn: just before the paint that shows it, on this machine's clock.
+  const age = meta.header.capture_time ? Date.now() - meta.header.capture_time * 1000 : null;
+  showFrame(meta, age);
+  showState(meta.state, meta.skipped + dropped);
+}
+
 function connect() {
   const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws");
   ws.binaryType = "arraybuffer";
   ws.onmessage = async (event) => {
     if (typeof event.data === "string") {
       const msg = JSON.parse(event.data);
-      showState(msg.state, msg.skipped);
+      showState(msg.state, msg.skipped + dropped);
       return;
     }
     const n = new DataView(event.data).getUint32(0);
@@ -81,15 +96,14 @@ function connect() {
     let bitmap = null;
     try {
       bitmap = await createImageBitmap(new Blob([new Uint8Array(event.data, 4 + n)], { type: "image/jpeg" }));
-    } catch (err) { /* a frame the browser cannot decode: skip it */ }
-    requestAnimationFrame(() => {
-      if (bitmap) { drawFrame(bitmap, meta.header); bitmap.close(); }
-      // Age when drawn: just before the paint that shows it, on this machine's clock.
-      const age = meta.header.capture_time ? Date.now() - meta.header.capture_time * 1000 : null;
-      showFrame(meta, age);
-      showState(meta.state, meta.skipped);
-      if (ws.readyState === WebSocket.OPEN) ws.send("ready");
-    });
+    } catch (err) { /* a frame the browser cannot decode: its header still counts */ }
+    if (pending) {  // decoded twice before one paint: only the newer is drawn
+      if (pending.bitmap) pending.bitmap.close();
+      dropped += 1;
+    }
+    pending = { bitmap, meta };
+    if (!painting) { painting = true; requestAnimationFrame(paint); }
+    if (ws.readyState === WebSocket.OPEN) ws.send("ready");
   };
   ws.onclose = () => {
     showState({ state: "reconnecting", detail: "the page lost its connection to syndiff-stream serve", publisher: {} });
