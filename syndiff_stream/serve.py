@@ -188,11 +188,13 @@ class Feed:
         self.frame = Frame(self.received, header, jpeg=jpeg, mask=mask)
 
     def _wake(self) -> None:
-        for loop, event in list(self.listeners):
+        with self.lock:
+            listeners = list(self.listeners)
+        for loop, event in listeners:
             try:
                 loop.call_soon_threadsafe(event.set)
             except RuntimeError:  # that page's loop is closed
-                self.listeners.discard((loop, event))
+                self.unlisten(event)
 
     def latest(self) -> Frame | None:
         with self.lock:
@@ -225,12 +227,15 @@ class Feed:
                 "latency_ms": frame.header.get("latency_ms") if frame else None}
 
     def listen(self) -> asyncio.Event:
+        """An event set on every new frame or message, for one page's loop."""
         event = asyncio.Event()
-        self.listeners.add((asyncio.get_running_loop(), event))
+        with self.lock:
+            self.listeners.add((asyncio.get_running_loop(), event))
         return event
 
     def unlisten(self, event: asyncio.Event) -> None:
-        self.listeners = {pair for pair in self.listeners if pair[1] is not event}
+        with self.lock:
+            self.listeners = {pair for pair in self.listeners if pair[1] is not event}
 
 
 # ---- access ----------------------------------------------------------------------------------------
@@ -306,7 +311,10 @@ def make_app(feed: Feed, access: Access, hosts: list[str] | None = None):
 
         async def acks():
             while True:
-                if await websocket.receive_text() == "ready":
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                if message.get("text") == "ready":
                     ready.set()
                     event.set()
 
@@ -405,6 +413,8 @@ def prepare(endpoint: str, http: str = "127.0.0.1:8080", token_file: Path | None
     feed = Feed(endpoint, curve_secret=curve_secret, curve_server=curve_server)
     # Loopback: accept only Host headers naming loopback, so no other site's name can rebind to it.
     app = make_app(feed, Access(token), hosts=["127.0.0.1", "localhost"] if local else None)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", ws="websockets-sansio"))
+    # Open /mjpeg streams never finish by themselves: give them 2 s on Ctrl-C, then cut them.
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", ws="websockets-sansio",
+                                           timeout_graceful_shutdown=2))
     shown = f"[{host}]" if ":" in host else host
     return Page(server, feed, f"http://{shown}:{port}/" + (f"?token={token}" if token else ""))

@@ -339,3 +339,35 @@ def test_feed_state_follows_heartbeats_and_silence(rt_endpoint):
         assert state["state"] == "reconnecting" and "'lost'" in state["detail"]
     finally:
         feed.close()
+
+
+def test_curve_publisher_is_watched_with_the_client_keys(served, rt_endpoint, tmp_path):
+    from syndiff_stream.keys import make_keys
+
+    make_keys(tmp_path / "keys", ("viewer",))
+    keys = tmp_path / "keys"
+    pub = Publisher(rt_endpoint, overlay=True, curve_secret=keys / "server.key_secret", curve_allow=keys / "authorized")
+    try:
+        server = served("--curve-secret", str(keys / "viewer.key_secret"), "--curve-server", str(keys / "server.key"))
+        deadline = time.monotonic() + 30
+        while server.state()["received"] == 0:
+            pub.write(result(0))
+            assert time.monotonic() < deadline, "nothing arrived over CURVE"
+            time.sleep(0.1)
+    finally:
+        pub.close(linger=0)
+    bad = subprocess.run([*CLI, "serve", rt_endpoint, "--curve-secret", str(keys / "server.key")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "secret" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ctrl_c_stops_serve_even_with_an_mjpeg_viewer_open(served, rt_endpoint):
+    import signal
+
+    server = served()
+    stream = urllib.request.urlopen(server.base + "/mjpeg", timeout=10)
+    try:
+        server.proc.send_signal(signal.SIGINT)
+        server.proc.wait(timeout=20)  # uvicorn gives open streams 2 s, then cuts them
+    finally:
+        stream.close()
