@@ -51,6 +51,7 @@ except ImportError:  # the [serve] extra is optional: `cli serve` turns this int
 
 SILENT_AFTER = 3.0  # seconds without a heartbeat before the page says "reconnecting"
 STATE_EVERY = 0.5  # seconds between state pushes to each page
+OVERLAYS_STOPPED = 5.0  # seconds without an overlay before masks are drawn instead (a new publisher)
 COOKIE = "syndiff_token"
 JPEG_QUALITY = 80
 
@@ -121,7 +122,7 @@ class Feed:
         self.frame: Frame | None = None
         self.status: dict | None = None
         self.heard = None  # monotonic time of the last message of any kind
-        self.overlays = False  # the publisher sends overlays: masks only carry headers then
+        self.last_overlay = None  # monotonic time of the last overlay: masks only carry headers then
         self.received = self.invalid_messages = 0
         self.arrivals: deque[float] = deque(maxlen=64)
         self.started = time.monotonic()
@@ -162,10 +163,11 @@ class Feed:
             if header.get("encoding") != "jpeg" or image_size(parts[2]) != check_shape(header.get("shape")):
                 raise ProtocolError("overlay payload is not a JPEG of the header shape")
             with self.lock:
-                self.overlays, self.heard = True, now
+                self.last_overlay = self.heard = now
                 self._new_frame(header, jpeg=parts[2], now=now)
             return
-        if len(parts) == 3 and parts[0] == TOPIC_MASK and self.overlays:
+        if (len(parts) == 3 and parts[0] == TOPIC_MASK and self.last_overlay is not None
+                and now - self.last_overlay < OVERLAYS_STOPPED):
             loads(parts[1])  # checked; its overlay follows, and that is the frame
             with self.lock:
                 self.heard = now
@@ -180,7 +182,7 @@ class Feed:
             elif msg.topic == "end":
                 last = dict(self.status or {})  # the final heartbeat said "ended" or "lost": keep which
                 self.status = dict(last, state="lost" if last.get("state") == "lost" else "ended")
-                self.overlays = False  # the next publisher may send masks only
+                self.last_overlay = None  # the next publisher may send masks only
 
     def _new_frame(self, header: dict, now: float, jpeg: bytes | None = None, mask: np.ndarray | None = None) -> None:
         self.received += 1
