@@ -467,11 +467,12 @@ def serve(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             page = prepare(endpoint, http, token_file=token_file, curve_secret=curve_secret, curve_server=curve_server)
+        page.listen()
     except (ServeError, ValueError) as exc:
         fail(str(exc))
     for w in caught:
         typer.secho(f"warning: {w.message}", err=True, fg=typer.colors.YELLOW)
-    typer.echo(f"serving {endpoint} on {page.url}", err=False)
+    typer.echo(f"serving {endpoint} on {page.url}")
     page.run()
 
 

@@ -22,6 +22,7 @@ import asyncio
 import ipaddress
 import json
 import secrets
+import socket
 import threading
 import time
 import warnings
@@ -385,23 +386,46 @@ class RemoteServeWarning(UserWarning):
 
 @dataclass
 class Page:
-    """A prepared page server: `url` to open (with the token, if any), `run()` until interrupted."""
+    """A prepared page server: `listen()` binds (port 0 picks one), `url` is what to open (with the
+    token, if any), `run()` serves until interrupted."""
     server: object  # uvicorn.Server
     feed: Feed
-    url: str
+    host: str
+    port: int
+    token: str | None
+    sock: socket.socket | None = None
+
+    @property
+    def url(self) -> str:
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{shown}:{self.port}/" + (f"?token={self.token}" if self.token else "")
+
+    def listen(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            self.feed.close()
+            raise ServeError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
+        self.sock, self.port = sock, sock.getsockname()[1]
 
     def run(self) -> None:
+        if self.sock is None:
+            self.listen()
         self.feed.start()
         try:
-            self.server.run()
+            self.server.run(sockets=[self.sock])
         finally:
             self.feed.close()
 
 
 def prepare(endpoint: str, http: str = "127.0.0.1:8080", token_file: Path | None = None,
             curve_secret: Path | None = None, curve_server: Path | None = None) -> Page:
-    """Check the addresses and keys, pick the token, build the app; warns (RemoteServeWarning)
-    when the page is reachable from other machines."""
+    """Check the addresses and keys, pick the token, build the app (nothing is bound yet); warns
+    (RemoteServeWarning) when the page would be reachable from other machines."""
     require_web()
     import uvicorn
 
@@ -416,7 +440,6 @@ def prepare(endpoint: str, http: str = "127.0.0.1:8080", token_file: Path | None
     # Loopback: accept only Host headers naming loopback, so no other site's name can rebind to it.
     app = make_app(feed, Access(token), hosts=["127.0.0.1", "localhost"] if local else None)
     # Open /mjpeg streams never finish by themselves: give them 2 s on Ctrl-C, then cut them.
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", ws="websockets-sansio",
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="websockets-sansio",
                                            timeout_graceful_shutdown=2))
-    shown = f"[{host}]" if ":" in host else host
-    return Page(server, feed, f"http://{shown}:{port}/" + (f"?token={token}" if token else ""))
+    return Page(server, feed, host, port, token)

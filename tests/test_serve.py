@@ -371,3 +371,14 @@ def test_ctrl_c_stops_serve_even_with_an_mjpeg_viewer_open(served, rt_endpoint):
         server.proc.wait(timeout=20)  # uvicorn gives open streams 2 s, then cuts them
     finally:
         stream.close()
+
+
+def test_a_taken_port_is_one_clear_line(rt_endpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([*CLI, "serve", rt_endpoint, "--http", f"127.0.0.1:{port}"], capture_output=True,
+                              text=True, timeout=60)
+    assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,33 +1,57 @@
-// syndiff-stream serve: draw the newest frame, its boxes and the counters; ask for the next frame
-// only after this one is on screen, so a slow page skips frames instead of queueing them.
+// syndiff-stream serve: draw the newest frame and its boxes; ask for the next frame only once this
+// one is decoded, so a slow page skips frames instead of queueing them. The text panel is
+// refreshed four times a second, not per frame: numbers at 30 Hz are unreadable and cost layout.
 "use strict";
 const $ = (id) => document.getElementById(id);
 const canvas = $("canvas"), ctx = canvas.getContext("2d");
 const drawTimes = [], ages = [];
 // Read by tests and by the latency measurement (docs/serve.md).
-window.syndiff = { shown: 0, ages, lastSeq: 0, lastState: null };
+window.syndiff = { shown: 0, ages, lastSeq: 0 };
+// What the panel shows next: the last frame drawn, its age, the last state and skip count.
+const shown = { header: null, age: null, state: null, skipped: null, boxesOf: null };
 
 function fmt(v, digits = 0, unit = "") { return v == null ? "-" : v.toFixed(digits) + unit; }
 
-function showState(state, skipped) {
-  window.syndiff.lastState = state.state;
-  const badge = $("state");
-  badge.textContent = state.state;
-  badge.className = "badge " + state.state;
-  $("source").textContent = state.source_id || "";
-  $("detail").textContent = state.detail || "";
-  if (state.received != null) {
-    $("stream-fps").textContent = fmt(state.fps, 1);
-    $("received").textContent = state.received;
+function renderPanel() {
+  const state = shown.state;
+  if (state) {
+    const badge = $("state");
+    badge.textContent = state.state;
+    badge.className = "badge " + state.state;
+    $("source").textContent = state.source_id || "";
+    $("detail").textContent = state.detail || "";
+    if (state.received != null) {
+      $("stream-fps").textContent = fmt(state.fps, 1);
+      $("received").textContent = state.received;
+    }
+    const p = state.publisher || {};
+    $("drops").textContent = p.dropped == null ? "-" : p.dropped;
+    const stale = state.state !== "streaming";
+    $("video").classList.toggle("stale", stale);
+    $("banner").hidden = !stale;
+    $("banner").textContent = stale ? state.state + (window.syndiff.shown ? ": last frame shown is old" : "") : "";
   }
-  const p = state.publisher || {};
-  $("drops").textContent = p.dropped == null ? "-" : p.dropped;
-  $("skipped").textContent = skipped == null ? "-" : skipped;
-  const stale = state.state !== "streaming";
-  $("video").classList.toggle("stale", stale);
-  $("banner").hidden = !stale;
-  $("banner").textContent = stale ? state.state + (window.syndiff.shown ? ": last frame shown is old" : "") : "";
+  $("skipped").textContent = shown.skipped == null ? "-" : shown.skipped;
+  const header = shown.header;
+  if (!header) return;
+  const now = performance.now();
+  while (drawTimes.length && now - drawTimes[0] > 2000) drawTimes.shift();
+  const fps = drawTimes.length > 1 ? (drawTimes.length - 1) * 1000 / (now - drawTimes[0]) : 0;
+  $("polyps").textContent = header.valid === false ? "no answer" : header.polyps_total;
+  $("fps").textContent = fmt(fps, 1);
+  $("latency").textContent = fmt(header.latency_ms, 1, " ms");
+  $("age").textContent = fmt(shown.age, 0, " ms");
+  $("frames").textContent = window.syndiff.shown;
+  if (shown.boxesOf !== header) {
+    shown.boxesOf = header;
+    $("boxes").replaceChildren(...(header.polyps || []).map((p) => {
+      const item = document.createElement("li");
+      item.textContent = `[${p.box.join(", ")}] area ${p.area} score ${p.score.toFixed(2)}`;
+      return item;
+    }));
+  }
 }
+setInterval(renderPanel, 250);
 
 function drawFrame(bitmap, header) {
   if (canvas.width !== bitmap.width || canvas.height !== bitmap.height) {
@@ -39,32 +63,11 @@ function drawFrame(bitmap, header) {
   ctx.lineWidth = line;
   ctx.strokeStyle = ctx.fillStyle = "#ffdc00";
   ctx.font = `${6 * line + 6}px sans-serif`;
-  const list = $("boxes");
-  list.replaceChildren();
   for (const p of header.polyps || []) {
     const [x0, y0, x1, y1] = p.box;
     ctx.strokeRect(x0 + line / 2, y0 + line / 2, x1 - x0 - line, y1 - y0 - line);
     ctx.fillText(p.score.toFixed(2), x0, Math.max(y0 - 3, 12));
-    const item = document.createElement("li");
-    item.textContent = `[${p.box.join(", ")}] area ${p.area} score ${p.score.toFixed(2)}`;
-    list.append(item);
   }
-}
-
-function showFrame(meta, age) {
-  const header = meta.header, now = performance.now();
-  drawTimes.push(now);
-  while (drawTimes.length && now - drawTimes[0] > 2000) drawTimes.shift();
-  const fps = drawTimes.length > 1 ? (drawTimes.length - 1) * 1000 / (now - drawTimes[0]) : null;
-  window.syndiff.shown += 1;
-  window.syndiff.lastSeq = meta.seq;
-  ages.push(age);
-  if (ages.length > 1000) ages.shift();
-  $("polyps").textContent = header.valid === false ? "no answer" : header.polyps_total;
-  $("fps").textContent = fmt(fps, 1);
-  $("latency").textContent = fmt(header.latency_ms, 1, " ms");
-  $("age").textContent = fmt(age, 0, " ms");
-  $("frames").textContent = window.syndiff.shown;
 }
 
 // The newest decoded frame waits here for the next paint; the server may send the one after it
@@ -78,8 +81,12 @@ function paint() {
   if (bitmap) { drawFrame(bitmap, meta.header); bitmap.close(); }
   // Age when drawn: just before the paint that shows it, on this machine's clock.
   const age = meta.header.capture_time ? Date.now() - meta.header.capture_time * 1000 : null;
-  showFrame(meta, age);
-  showState(meta.state, meta.skipped + dropped);
+  drawTimes.push(performance.now());
+  ages.push(age);
+  if (ages.length > 1000) ages.shift();
+  window.syndiff.shown += 1;
+  window.syndiff.lastSeq = meta.seq;
+  Object.assign(shown, { header: meta.header, age, state: meta.state, skipped: meta.skipped + dropped });
 }
 
 function connect() {
@@ -88,7 +95,8 @@ function connect() {
   ws.onmessage = async (event) => {
     if (typeof event.data === "string") {
       const msg = JSON.parse(event.data);
-      showState(msg.state, msg.skipped + dropped);
+      Object.assign(shown, { state: msg.state, skipped: msg.skipped + dropped });
+      if (msg.state.state !== "streaming") renderPanel();  // a stall shows at once
       return;
     }
     const n = new DataView(event.data).getUint32(0);
@@ -106,7 +114,8 @@ function connect() {
     if (ws.readyState === WebSocket.OPEN) ws.send("ready");
   };
   ws.onclose = () => {
-    showState({ state: "reconnecting", detail: "the page lost its connection to syndiff-stream serve", publisher: {} });
+    shown.state = { state: "reconnecting", detail: "the page lost its connection to syndiff-stream serve" };
+    renderPanel();
     setTimeout(connect, 1000);
   };
 }
