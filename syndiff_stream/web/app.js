@@ -35,7 +35,7 @@ function renderPanel() {
   const header = shown.header;
   if (!header) return;
   const now = performance.now();
-  while (drawTimes.length && now - drawTimes[0] > 2000) drawTimes.shift();
+  while (drawTimes.length && now - drawTimes[0] > 3000) drawTimes.shift();
   const fps = drawTimes.length > 1 ? (drawTimes.length - 1) * 1000 / (now - drawTimes[0]) : 0;
   $("polyps").textContent = header.valid === false ? "no answer" : header.polyps_total;
   $("fps").textContent = fmt(fps, 1);
