@@ -124,7 +124,7 @@ class DemoRun:
 
     def stop(self) -> None:
         self.pipeline.request_stop()
-        self.thread.join(timeout=30)
+        self.thread.join(timeout=60)
         assert not self.thread.is_alive()
 
 
@@ -162,12 +162,13 @@ def test_page_shows_the_live_overlay_counters_and_a_stopped_publisher(served, rt
     try:
         with Chromium() as browser:
             browser.navigate(server.base + "/")
-            browser.wait_for("window.syndiff && window.syndiff.shown >= 3", timeout=60)
+            # Generous bounds, not timings: a loaded CI machine may run the tiny model at ~1 fps.
+            browser.wait_for("window.syndiff && window.syndiff.shown >= 3", timeout=120)
             assert text(browser, "state") == "streaming"
             assert text(browser, "source") == "demo:0"
             first = browser.evaluate("window.syndiff.shown")
-            browser.wait_for(f"window.syndiff.shown > {first} + 2", timeout=30)  # the counters move
-            assert text(browser, "fps") != "-" and float(text(browser, "fps")) > 0
+            browser.wait_for(f"window.syndiff.shown > {first} + 2", timeout=120)  # the counters move
+            browser.wait_for("parseFloat(document.getElementById('fps').textContent) > 0", timeout=60)
             assert text(browser, "latency").endswith(" ms") and text(browser, "age").endswith(" ms")
             assert int(text(browser, "polyps")) >= 1  # the tiny random model finds blobs everywhere
             assert browser.evaluate("document.querySelectorAll('#boxes li').length") >= 1
@@ -189,7 +190,7 @@ def test_page_shows_the_live_overlay_counters_and_a_stopped_publisher(served, rt
             assert yellow > 20, f"no box pixels on the canvas (see {tmp_path / 'page.png'})"
 
             run.stop()  # the publisher goes away: the page says so and stays live
-            assert browser.wait_for("document.getElementById('state').textContent === 'reconnecting'", timeout=20)
+            assert browser.wait_for("document.getElementById('state').textContent === 'reconnecting'", timeout=60)
             assert "reconnecting" in text(browser, "detail")
             assert browser.evaluate("!document.getElementById('banner').hidden")
             assert browser.evaluate("1 + 1") == 2
@@ -252,7 +253,7 @@ def test_a_slow_page_gets_the_newest_frame_not_a_backlog(served, rt_endpoint):
         assert meta2["skipped"] == meta2["seq"] - meta["seq"] - 1 >= 10
         # Nothing queued behind it: without another "ready", only state messages come.
         for _ in range(3):
-            assert isinstance(ws.recv(timeout=2), str)
+            assert isinstance(ws.recv(timeout=10), str)
 
 
 def test_masks_only_publishers_are_drawn_as_outlines(served, rt_endpoint):
