@@ -36,7 +36,7 @@ import numpy as np
 import zmq
 
 from .overlay import render_overlay
-from .protocol import TOPIC_END, TOPIC_MASK, TOPIC_OVERLAY, TOPIC_STATUS, ProtocolError, check_shape, image_size, loads
+from .protocol import TOPIC_MASK, TOPIC_OVERLAY, ProtocolError, check_shape, image_size, loads
 from .subscribe import Subscriber, decode
 
 try:
