@@ -447,6 +447,32 @@ def view(
 
 
 @app.command()
+def serve(
+    endpoint: str = typer.Argument("tcp://127.0.0.1:5556", help="publisher endpoint (run ... --publish-overlay sends the video)"),
+    http: str = typer.Option("127.0.0.1:8080", help="HOST:PORT of the page; beyond loopback it needs a token"),
+    token_file: Optional[Path] = typer.Option(None, help="read the page's access token from this file (default: a new one, printed)"),
+    curve_secret: Optional[Path] = typer.Option(None, help="CURVE publisher: this client's .key_secret file"),
+    curve_server: Optional[Path] = typer.Option(None, help="CURVE publisher: the server's public .key file"),
+):
+    """Watch a publisher in a browser: live overlay, polyp boxes, fps, latency, drops, source state."""
+    import warnings
+
+    from .serve import ServeError, prepare
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            page = prepare(endpoint, http, token_file=token_file, curve_secret=curve_secret, curve_server=curve_server)
+        page.listen()
+    except (ServeError, ValueError) as exc:
+        fail(str(exc))
+    for w in caught:
+        typer.secho(f"warning: {w.message}", err=True, fg=typer.colors.YELLOW)
+    typer.echo(f"serving {endpoint} on {page.url}")
+    page.run()
+
+
+@app.command()
 def keys(
     out: Path = typer.Option(..., help="folder for the certificate files"),
     client: List[str] = typer.Option(["client"], help="a client name (repeat for several)"),
