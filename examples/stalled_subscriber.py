@@ -29,6 +29,7 @@ parser.add_argument("--backend", default="onnx", help="eager | compile | onnx | 
 parser.add_argument("--publish", default="tcp://127.0.0.1:5558")
 args = parser.parse_args()
 
+backend = make_backend(args.backend, Segmenter.from_pretrained(args.model))
 publisher = Publisher(args.publish, encoding="raw")
 stalled = zmq.Context.instance().socket(zmq.SUB)  # subscribes like a Subscriber, then never reads
 stalled.setsockopt(zmq.RCVHWM, 4)
@@ -38,10 +39,8 @@ stalled.connect(args.publish)
 healthy = Subscriber(args.publish)
 publisher.wait_for_subscribers(2, timeout=30)
 got = []
-reader = threading.Thread(target=lambda: got.extend(m.header["frame_index"] for m in healthy.messages(timeout=30)))
+reader = threading.Thread(target=lambda: got.extend(m.header["frame_index"] for m in healthy.messages(timeout=120)))
 reader.start()
-
-backend = make_backend(args.backend, Segmenter.from_pretrained(args.model))
 stats = Pipeline(open_source(args.source), backend, [publisher], mode=Mode.RECORDED, max_frames=args.frames).run()
 reader.join()
 print(json.dumps({"frames_out": stats.frames_out, "healthy_received": len(got), "healthy_missed": healthy.missed,

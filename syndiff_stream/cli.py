@@ -185,12 +185,11 @@ class StopOnSignal:
 def run_pipeline(pipeline, on_progress=None, stopper: Optional[StopOnSignal] = None):
     """Run to the end; a source that fails mid-stream or an output that cannot be written (full
     disk, no permission) is reported as one line; outputs already finished stay as they were."""
+    from .publish import ConsumerStalled
     from .sources import SourceError
 
     if stopper is not None:
         stopper.pipeline = pipeline
-    from .publish import ConsumerStalled
-
     try:
         return pipeline.run(on_progress=on_progress, progress_every=0.25)
     except (SourceError, ConsumerStalled) as exc:

@@ -3,6 +3,7 @@ import time
 
 import numpy as np
 import pytest
+import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -210,3 +211,17 @@ def test_a_failed_run_aborts_the_reliable_sender_without_waiting(rt_endpoint, rt
         Pipeline(DemoSource(size=(48, 60), realtime=False, frames=20), make_backend("eager", rt_tiny_segmenter),
                  [sender]).run()
     assert sender.socket.closed and sender.stalled and b"end" not in attempted  # no `end` waited for
+
+
+def test_subscriptions_are_drained_while_publishing(rt_endpoint):
+    """Subscribers that come and go are seen by writes alone (no wait_for_subscribers call):
+    subscription messages are read on every send, for the publisher's whole life."""
+    pub = Publisher(rt_endpoint)
+    first, second = Subscriber(rt_endpoint), Subscriber(rt_endpoint)
+    wait_until(lambda: pub.write(result()) or pub.subscribers == 2, 30)
+    first.close()
+    wait_until(lambda: pub.write(result()) or pub.subscribers == 1, 30)
+    second.close()
+    wait_until(lambda: pub.write(result()) or pub.subscribers == 0, 30)
+    assert not pub.socket.poll(0, zmq.POLLIN)  # nothing left waiting to be read
+    pub.close(linger=0)
