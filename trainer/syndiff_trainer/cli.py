@@ -37,6 +37,7 @@ def _recipe(recipe: Optional[str], sets: Optional[List[str]]):
 
 def _run(fn, *args, **kwargs):
     """Call into the library; its known errors become one line and exit code 2."""
+    from syndiff_stream.backends import BackendError
     from syndiff_stream.datasets import DatasetError
     from syndiff_stream.model import CheckpointError
 
@@ -44,7 +45,7 @@ def _run(fn, *args, **kwargs):
 
     try:
         return fn(*args, **kwargs)
-    except (RecipeError, DatasetError, CheckpointError) as exc:
+    except (RecipeError, DatasetError, CheckpointError, BackendError) as exc:
         _fail(exc)
 
 

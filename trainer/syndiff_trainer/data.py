@@ -21,7 +21,7 @@ from rich.progress import track
 
 from syndiff_stream.atomic import atomic_path
 from syndiff_stream.datasets import DatasetError, Pair, find_pairs, read_image, read_mask
-from syndiff_stream.preprocess import crop_resize, find_field_of_view, prepare_mask
+from syndiff_stream.preprocess import crop_resize, find_field_of_view, prepare_mask, to_model_range
 
 DEFAULT_CACHE = Path.home() / ".cache" / "syndiff-stream"
 
@@ -431,6 +431,6 @@ class BatchSampler:
                 out_i.append(res["image"])
                 out_m.append(res["mask"])
             images, masks = np.stack(out_i), np.stack(out_m)
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().mul_(1 / 127.5).sub_(1)
+        x = to_model_range(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float())
         y = torch.from_numpy(np.ascontiguousarray(masks)).unsqueeze(1).float()
         return x, y

@@ -22,6 +22,7 @@ import torch
 
 from syndiff_stream.metrics import dice, iou
 from syndiff_stream.model import Segmenter
+from syndiff_stream.preprocess import to_model_range
 
 from .data import ArrayDataset
 
@@ -69,7 +70,7 @@ def predict_masks(model: Segmenter, images: np.ndarray, steps: int = 1, timestep
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+        x = to_model_range(torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).float()).to(device)
         prob = model.predict_proba(x, timestep) if steps == 1 else model.predict_proba_multistep(x, steps)
         out.append(prob[:, 0].cpu().numpy() >= model.config.threshold)
     return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:3], bool)

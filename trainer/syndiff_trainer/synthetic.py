@@ -24,14 +24,32 @@ from typing import Callable, Iterable
 import cv2
 import numpy as np
 
-from syndiff_stream.datasets import IMAGE_DIR_NAMES, DatasetError, Pair, find_pairs, pair_folders, read_image, read_mask
+from syndiff_stream.backends import pick_device
+from syndiff_stream.datasets import (
+    IMAGE_DIR_NAMES,
+    DatasetError,
+    Pair,
+    find_pairs,
+    pair_folders,
+    read_image,
+    read_mask,
+)
 from syndiff_stream.preprocess import crop_resize, find_field_of_view, prepare_mask
 
 from .data import ArrayDataset, load_pairs
-from .placement import (affine_patch, allowed_region, blend, copy_paste, equivalent_diameter, feather_alpha,
-                        paste_mask, parametric_shape, place)
+from .placement import (
+    affine_patch,
+    allowed_region,
+    blend,
+    copy_paste,
+    equivalent_diameter,
+    feather_alpha,
+    parametric_shape,
+    paste_mask,
+    place,
+)
 from .prompts import Prompt, PromptBank
-from .train import _progress, resolve_device
+from .train import _progress
 
 MANIFEST = "manifest.jsonl"
 SETTINGS = "synth.json"
@@ -276,7 +294,7 @@ def run_synth(cfg: SynthConfig, generator: Callable[[list[Sample]], list[np.ndar
     if cfg.mask_source not in MASK_SOURCES:
         raise SystemExit(f"unknown mask source {cfg.mask_source!r}: choose {', '.join(MASK_SOURCES)}")
     out = Path(cfg.out)
-    device = str(resolve_device(cfg.device))
+    device = pick_device(cfg.device)
     if cfg.fp16 and not device.startswith("cuda"):
         raise SystemExit("--fp16 needs a CUDA device (half precision inpainting is not supported on CPU)")
     bank_file = Path(cfg.prompts) if cfg.prompts else Path(__file__).with_name("prompts.json")

@@ -44,8 +44,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save_file
 
 from syndiff_stream.atomic import atomic_path, write_text
+from syndiff_stream.backends import pick_device
 from syndiff_stream.metrics import dice
 from syndiff_stream.model import CheckpointError, Segmenter, SegmenterConfig, init_from_sd_vae, soft_dice
+from syndiff_stream.preprocess import to_model_range
 
 from .data import (ArrayDataset, BatchSampler, apply_split, build_augmenter, grouped_split,
                    load_sources, manifest_mismatch, sample_seed, small_polyp_weights)
@@ -67,14 +69,6 @@ class RunOptions(BaseModel):
     progress: bool = True
     cache_dir: str | None = None
     stop_at: int | None = None  # stop stage 2 after this step (reproduce's spot check); resumable
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"device {name!r} asked for, but torch sees no CUDA GPU")
-    return torch.device(name)
 
 
 def _progress(enabled: bool) -> Progress:
@@ -108,7 +102,7 @@ def predict_dice(model: Segmenter, ds: ArrayDataset, device, batch_size: int = 1
     model.eval()
     scores = []
     for i in range(0, len(ds), batch_size):
-        x = torch.from_numpy(ds.images[i:i + batch_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+        x = to_model_range(torch.from_numpy(ds.images[i:i + batch_size]).permute(0, 3, 1, 2).float()).to(device)
         prob = model.predict_proba(x).cpu().numpy()[:, 0]
         scores += [dice(p >= model.config.threshold, m) for p, m in zip(prob, ds.masks[i:i + batch_size])]
     return np.array(scores)
@@ -267,7 +261,7 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict:
         if changed:
             raise RecipeError(f"{out} holds a run of another recipe (differs in {', '.join(changed[:5])}); "
                               "resume it with its own recipe or choose a new --out")
-    device = resolve_device(opts.device)
+    device = torch.device(pick_device(opts.device))
     if opts.threads:
         torch.set_num_threads(opts.threads)
     cache = {"cache_dir": Path(opts.cache_dir)} if opts.cache_dir else {}
