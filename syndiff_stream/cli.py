@@ -141,6 +141,18 @@ def check_mode(mode: Optional[str]):
         fail(f"--mode {mode!r}: choose recorded or live")
 
 
+BUDGET_HELP = ("live mode: drop a frame that waited longer than this since capture, in ms "
+               "(default: 3 frame intervals of the source, 100 ms when its rate is unknown)")
+
+
+def live_policy(latency_budget: Optional[float]):
+    from .frames import LivePolicy
+
+    if latency_budget is not None and not latency_budget > 0:
+        fail(f"--latency-budget must be > 0 ms, got {latency_budget}")
+    return LivePolicy(latency_budget_ms=latency_budget)
+
+
 def smoothing_config(smooth: bool, threshold: float):
     from .smoothing import SmoothingConfig
 
@@ -154,7 +166,7 @@ def stats_line(stats) -> str:
                      if d[name])
     return (f"frames {d['frames_out']}/{d['frames']}  e2e {d['e2e_fps']:.1f} fps  model {d['model_fps']:.1f} fps  "
             f"decode {d['decode_fps']:.1f} fps  latency p50 {lat['p50']:.0f} / p99 {lat['p99']:.0f} ms  "
-            f"dropped {d['dropped']}  publish dropped {d['publish_dropped']}" + faults
+            f"dropped {d['dropped']} (late {d['dropped_late']}, capacity {d['dropped_capacity']})  publish dropped {d['publish_dropped']}" + faults
             + (f"  source lost after {d['disconnected_s']:.0f} s disconnected" if d["source_lost"] else ""))
 
 
@@ -246,6 +258,7 @@ def run(
     curve_secret: Optional[Path] = typer.Option(None, help=CURVE_SECRET_HELP),
     curve_allow: Optional[Path] = typer.Option(None, help=CURVE_ALLOW_HELP),
     reconnect_timeout: float = typer.Option(30.0, help=RECONNECT_HELP),
+    latency_budget: Optional[float] = typer.Option(None, help=BUDGET_HELP),
 ):
     """Segment a live or recorded video stream; publish masks over ZeroMQ and/or write files.
 
@@ -261,6 +274,7 @@ def run(
 
     console = Console(stderr=True)
     mode_ = check_mode(mode)
+    live = live_policy(latency_budget)
     profile_ = read_profile(profile)
     dev = pick_device(device)
     seg = load_model(model)  # a bad checkpoint fails before the source is even opened
@@ -286,7 +300,7 @@ def run(
         typer.secho(f"warning: {w.message}", err=True, fg=typer.colors.YELLOW)
     if publish and wait_subscribers and not sinks[0].wait_for_subscribers(wait_subscribers, timeout=60):
         fail(f"--wait-subscribers {wait_subscribers}: not enough subscribers on {publish} within 60 s")
-    pipeline = Pipeline(src, backend_, sinks, mode=mode_, batch_size=batch, max_frames=max_frames,
+    pipeline = Pipeline(src, backend_, sinks, mode=mode_, batch_size=batch, max_frames=max_frames, live=live,
                         **profile_stages(profile_, backend_, smooth))
     console.print(pipeline.describe())
     with StopOnSignal() as stopper:
@@ -401,6 +415,7 @@ def bench(
     smoothing: bool = typer.Option(False, help="also report Dice and flicker with and without smoothing (needs true masks)"),
     json_out: bool = typer.Option(False, "--json", help="print only one JSON object"),
     engine: Optional[Path] = typer.Option(None, help=ENGINE_HELP),
+    latency_budget: Optional[float] = typer.Option(None, help=BUDGET_HELP),
 ):
     """Measure the pipeline honestly: warm up, then time decode, model and end to end."""
     import json
@@ -412,11 +427,12 @@ def bench(
     if source_fps is not None and source_fps <= 0:
         fail(f"--source-fps must be > 0, got {source_fps}")
     mode_ = check_mode(mode)
+    live = live_policy(latency_budget)
     dev = pick_device(device)
     seg = load_model(model)
     backend_ = build_backend(seg, backend, dev, threads, engine)
     try:
-        report = run_benchmark(seg, backend_, lambda: open_input(source, realtime=source_fps is not None, fps=source_fps), frames=frames, mode=mode_, batch_size=batch,
+        report = run_benchmark(seg, backend_, lambda: open_input(source, realtime=source_fps is not None, fps=source_fps), frames=frames, mode=mode_, batch_size=batch, live=live,
                                compare_steps=compare_steps, compare_frames=compare_frames,
                                smoothing=smoothing_config(True, seg.config.threshold) if smoothing else None)
     except ValueError as exc:
