@@ -70,7 +70,8 @@ def predict(
 # ---- streaming runtime: run, batch, bench, view -------------------------------------------------
 
 BACKEND_HELP = "eager | compile | onnx | tensorrt | auto (onnx on CPU, tensorrt on CUDA when installed, else eager)"
-MODE_HELP = "recorded (lossless, backpressure) | live (latest frame wins, drops counted); default by source kind"
+MODE_HELP = ("recorded (lossless, backpressure) | live (bounded latency: drops frames too old or too many, counted); "
+             "default by source kind")
 ENGINE_HELP = "an engine file from `syndiff-stream export` (.onnx, or a TensorRT .ep); overrides --backend"
 PROFILE_HELP = "calibration profile (.json/.yaml): field of view, threshold, smoothing, colour correction"
 REMOTE_HELP = "allow --publish on an address other machines reach (warns; see --curve-secret)"
@@ -166,7 +167,9 @@ def stats_line(stats) -> str:
                      if d[name])
     return (f"frames {d['frames_out']}/{d['frames']}  e2e {d['e2e_fps']:.1f} fps  model {d['model_fps']:.1f} fps  "
             f"decode {d['decode_fps']:.1f} fps  latency p50 {lat['p50']:.0f} / p99 {lat['p99']:.0f} ms  "
-            f"dropped {d['dropped']} (late {d['dropped_late']}, capacity {d['dropped_capacity']})  publish dropped {d['publish_dropped']}" + faults
+            f"dropped {d['dropped']} (late {d['dropped_late']}, capacity {d['dropped_capacity']})"
+            + (f"  arrival gap p95 {d['inter_arrival_ms']['p95']:.0f} ms" if d["mode"] == "live" else "")
+            + f"  publish dropped {d['publish_dropped']}" + faults
             + (f"  source lost after {d['disconnected_s']:.0f} s disconnected" if d["source_lost"] else ""))
 
 
