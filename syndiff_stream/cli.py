@@ -281,10 +281,17 @@ def run(
     profile_ = read_profile(profile)
     dev = pick_device(device)
     seg = load_model(model)  # a bad checkpoint fails before the source is even opened
+    # A stream or device is opened only once the backend is made and set up as the pipeline runs it
+    # (sessions created): its frames would otherwise pile up meanwhile and arrive as one burst.
+    # Anything else is opened first, so a wrong path fails at once.
+    from .sources import is_stream
+
+    backend_ = build_backend(seg, backend, dev, threads, engine) if is_stream(source) else None
     # Live mode on a file plays it at its own frame rate, as a scope would deliver it.
     src = open_input(source, fps=fps, realtime=True if mode_ == "live" else None, reconnect_timeout=reconnect_timeout)
     apply_profile_checks(profile_, src)
-    backend_ = build_backend(seg, backend, dev, threads, engine)
+    backend_ = backend_ or build_backend(seg, backend, dev, threads, engine)
+    backend_.configure(backend_.max_workers)
     makers = []
     if publish:
         makers.append(("--publish", lambda: Publisher(publish, encoding=encoding, overlay=publish_overlay,

@@ -1,4 +1,5 @@
 import json
+import re
 import threading
 
 import av
@@ -46,7 +47,8 @@ def test_run_demo_by_default(rt_tiny_model_dir):
     result = invoke("run", "--model", rt_tiny_model_dir, "--backend", "eager", "--publish", "",
                     "--max-frames", 3, "--fps", 100)
     assert result.exit_code == 0, result.output
-    assert "demo:0" in result.output and "live buffer" in result.output and "frames 3/3" in result.output
+    # live: a frame may be dropped on a busy machine (counted), so only the frames read are fixed
+    assert "demo:0" in result.output and "live buffer" in result.output and re.search(r"frames \d/3 ", result.output)
 
 
 @pytest.mark.parametrize("args, named", [
