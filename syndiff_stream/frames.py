@@ -7,10 +7,13 @@ Two modes, chosen per source kind and overridable:
   live      bounded latency, burst-tolerant (`LivePolicy`): frames wait in order, and one is
             dropped only when it is
               late      older than the latency budget when the next stage comes for it, or
-              capacity  the oldest of a full buffer when another frame arrives (the pipeline
-                        cannot keep up), ONE at a time, never the whole queue (choppy output).
+              capacity  the pipeline cannot keep up: the oldest of a full buffer when another
+                        frame arrives (ONE at a time, never the whole queue: choppy output), or,
+                        when a queue of two or more has stood undrained for half the budget,
+                        all but its newest frame (a standing queue would add its wait to every
+                        frame; a burst drains long before).
             A newer frame arriving a few milliseconds later is no reason to drop one: network
-            streams and encoders deliver frames in bursts of 2-3. No frame starts inference later
+            streams and encoders deliver frames in bursts of 2-4. No frame starts inference later
             than the budget after its capture, so latency <= budget + the model's time.
             `LivePolicy(capacity=1, latency_budget_ms=inf)` is the old "latest frame wins".
 """
@@ -62,7 +65,8 @@ class LivePolicy(BaseModel):
     120 ms; at 50 fps: 60 ms), or `default_budget_ms` when the rate is unknown; `latency_budget_ms`
     sets it outright. `capacity`, how many frames may wait, defaults to as many as arrive within the
     budget (3: a whole burst), so a source faster than the pipeline overflows the buffer (counted
-    as capacity) before its frames grow old (counted as late, the sign of a stall)."""
+    as capacity) before its frames grow old (counted as late, the sign of a stall). A queue that
+    stands undrained for half the budget is cut to its newest frame (counted as capacity)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -96,18 +100,22 @@ class FrameBuffer:
     """Bounded buffer between two stages with a named policy (see the module docstring).
 
     `put(item, t)` takes the item's capture time `t` (seconds on `clock`'s scale; default: now);
-    in live mode a getter never receives an item older than `max_age` seconds by `clock`. Drops
-    are counted apart: `dropped_late` (too old) and `dropped_capacity` (full buffer). The gaps
+    in live mode a getter never receives an item older than `max_age` seconds by `clock`, and a
+    queue of two or more that has not drained for `standing` seconds (default `max_age` / 2) is cut
+    to its newest item. Drops are counted apart: `dropped_late` (too old) and `dropped_capacity`
+    (full buffer, standing queue). The gaps
     between consecutive capture times are kept (`inter_arrival`) to show the source's jitter.
     `clock` is injectable so tests can script arrivals with a fake clock."""
 
     def __init__(self, capacity: int, mode: Mode, max_age: float = math.inf,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, standing: float | None = None):
         if capacity < 1:
             raise ValueError(f"buffer capacity must be >= 1, got {capacity}")
         if not max_age > 0:
             raise ValueError(f"buffer max_age must be > 0 seconds, got {max_age}")
         self.capacity, self.mode, self.max_age, self.clock = capacity, Mode(mode), max_age, clock
+        self.standing = max_age / 2 if standing is None else standing
+        self._backlog_since: float | None = None  # clock time the buffer last stopped being empty
         self.dropped_late = self.dropped_capacity = 0
         self.inter_arrival: deque = deque(maxlen=ARRIVAL_WINDOW)
         self._last_t: float | None = None
@@ -133,21 +141,30 @@ class FrameBuffer:
                 self.dropped_capacity += 1
             if self._closed:
                 return
+            if not self._items:
+                self._backlog_since = self.clock()
             self._items.append((t, item))
             self._cond.notify_all()
 
-    def _drop_late(self) -> None:
-        if self.mode is Mode.LIVE and self._items:
-            deadline = self.clock() - self.max_age
-            while self._items and self._items[0][0] < deadline:
+    def _drop_live(self) -> None:
+        """Live mode, as a getter comes: drop what is too old, then cut a standing queue."""
+        if self.mode is not Mode.LIVE or not self._items:
+            return
+        now = self.clock()
+        while self._items and self._items[0][0] < now - self.max_age:
+            self._items.popleft()
+            self.dropped_late += 1
+        if len(self._items) > 1 and now - self._backlog_since > self.standing:
+            while len(self._items) > 1:
                 self._items.popleft()
-                self.dropped_late += 1
+                self.dropped_capacity += 1
+            self._backlog_since = now
 
     def get_batch(self, max_items: int = 1, timeout: float | None = None) -> list:
         """Block for one item, then take up to `max_items` without waiting (batching only what is
         already there, so batching never adds latency). Live mode first drops the late ones."""
         def ready():
-            self._drop_late()
+            self._drop_live()
             return self._items or self._closed
 
         with self._cond:
@@ -156,6 +173,8 @@ class FrameBuffer:
             if not self._items:
                 raise Closed()
             batch = [self._items.popleft()[1] for _ in range(min(max_items, len(self._items)))]
+            if not self._items:
+                self._backlog_since = None
             self._cond.notify_all()
             return batch
 

@@ -69,12 +69,13 @@ class FakeClock:
         return self.t
 
 
-def simulate(arrivals, service, policy=LivePolicy(), fps=25.0, workers=1):
+def simulate(arrivals, service, policy=LivePolicy(), fps=25.0, workers=1, standing=None):
     """Feed a live buffer frames at the scripted `arrivals` (seconds) while `workers` consumers each
     take a frame whenever they are free and spend `service(i)` seconds on frame i. Returns the
     buffer and {frame: start time} in the order the frames were started."""
     clock = FakeClock()
-    buf = FrameBuffer(policy.capacity_for(fps), Mode.LIVE, max_age=policy.budget_s(fps), clock=clock)
+    buf = FrameBuffer(policy.capacity_for(fps), Mode.LIVE, max_age=policy.budget_s(fps), clock=clock,
+                      standing=standing)
     free, started, i = [0.0] * workers, {}, 0
     while True:
         next_arrival = arrivals[i] if i < len(arrivals) else float("inf")
@@ -162,3 +163,19 @@ def test_recorded_mode_never_drops_late():
     buf.put("a", 0.0)
     clock.t = 10.0
     assert buf.get_batch(4, timeout=0) == ["a"] and buf.dropped == 0
+
+
+def test_a_standing_queue_is_cut_to_the_newest_frame_so_overload_does_not_add_the_whole_budget():
+    arrivals = [k * 0.1 for k in range(300)]  # 10 fps into two workers of 210 ms (9.5 fps): slightly too slow
+    policy = LivePolicy()  # budget 300 ms: a queue standing 150 ms is cut
+
+    def waits(buf_standing):
+        buf, started = simulate(arrivals, lambda i: 0.21, policy, fps=10, workers=2, standing=buf_standing)
+        return buf, np.array([started[i] - arrivals[i] for i in started])
+
+    cut, cut_waits = waits(None)
+    fifo, fifo_waits = waits(float("inf"))
+    # about as many frames dropped either way (the excess must go), all counted as capacity ...
+    assert cut.dropped_late == fifo.dropped_late == 0 and abs(cut.dropped_capacity - fifo.dropped_capacity) <= 3
+    # ... but a queue left standing makes every frame wait nearly the whole budget
+    assert fifo_waits.mean() > 0.2 and cut_waits.mean() < 0.06 and cut_waits.max() <= 0.15
