@@ -44,7 +44,7 @@ class Stats:
     frames_out: int = 0  # results through every stage
     dropped: int = 0  # frames dropped by the live buffer: dropped_late + dropped_capacity
     dropped_late: int = 0  # older than the latency budget when inference came for them
-    dropped_capacity: int = 0  # the oldest of a full buffer: the pipeline could not keep up
+    dropped_capacity: int = 0  # the pipeline could not keep up: a full buffer's oldest, a standing queue cut
     latency_budget_s: float | None = None  # live mode's budget (None in recorded mode)
     publish_dropped: int = 0  # messages a full subscriber queue refused
     decode_s: float = 0.0  # time in the source (decoding / rendering), without live pacing
@@ -113,16 +113,16 @@ class Pipeline:
         `status(dict)` method (the publisher) get the run's state every `heartbeat_every` seconds."""
         self.mode = Mode(mode) if mode else source.default_mode
         self.live = live or LivePolicy()
-        live = self.mode is Mode.LIVE
-        self.batch_size = batch_size or (1 if live else 4)
+        is_live = self.mode is Mode.LIVE
+        self.batch_size = batch_size or (1 if is_live else 4)
         self.max_frames = max_frames
         # ---- the graph -------------------------------------------------------------------------
         self.source = source
         self.preprocess = preprocess or Preprocessor(backend.input_size, on_device=backend.device.type == "cuda")
         fps = nominal_fps(source)
-        budget = self.live.budget_s(fps) if live else None
-        self.buffer = FrameBuffer(buffer_size or (self.live.capacity_for(fps) if live else 2 * self.batch_size), self.mode,
-                                  max_age=budget or float("inf"))
+        budget = self.live.budget_s(fps) if is_live else None
+        capacity = buffer_size or (self.live.capacity_for(fps) if is_live else 2 * self.batch_size)
+        self.buffer = FrameBuffer(capacity, self.mode, max_age=budget or float("inf"))
         # As many calls in flight as the backend runs well at once: on CPU with ONNX Runtime one
         # single-threaded call per core, which beats one call on every thread for throughput and,
         # as soon as frames come faster than one call takes, for latency too. Results stay in order.
