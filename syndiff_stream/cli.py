@@ -167,8 +167,9 @@ def stats_line(stats) -> str:
                      if d[name])
     return (f"frames {d['frames_out']}/{d['frames']}  e2e {d['e2e_fps']:.1f} fps  model {d['model_fps']:.1f} fps  "
             f"decode {d['decode_fps']:.1f} fps  latency p50 {lat['p50']:.0f} / p99 {lat['p99']:.0f} ms  "
-            f"dropped {d['dropped']} (late {d['dropped_late']}, capacity {d['dropped_capacity']})"
-            + (f"  arrival gap p95 {d['inter_arrival_ms']['p95']:.0f} ms" if d["mode"] == "live" else "")
+            f"dropped {d['dropped']}"
+            + (f" (late {d['dropped_late']}, capacity {d['dropped_capacity']})  arrival gap p95 "
+               f"{d['inter_arrival_ms']['p95']:.0f} ms" if d["mode"] == "live" else "")
             + f"  publish dropped {d['publish_dropped']}" + faults
             + (f"  source lost after {d['disconnected_s']:.0f} s disconnected" if d["source_lost"] else ""))
 
