@@ -1,4 +1,4 @@
-"""Open a capture device live: latest frame wins, so the overlay never lags behind the scope.
+"""Open a capture device live: frames older than the latency budget are dropped, so the overlay never lags.
 Prints latency and dropped frames once a second.
 
     python examples/capture_live.py v4l2:/dev/video0          # Linux
@@ -31,7 +31,7 @@ pipeline = Pipeline(source, backend, [Publisher(args.publish)], mode=Mode.LIVE, 
 
 def report(stats):
     lat = stats.as_dict()["latency_ms"]
-    print(f"{stats.frames_out} shown, {stats.dropped} dropped, latency p50 {lat['p50']:.0f} ms p99 {lat['p99']:.0f} ms")
+    print(f"{stats.frames_out} shown, {stats.dropped} dropped ({stats.dropped_late} late), latency p50 {lat['p50']:.0f} ms p99 {lat['p99']:.0f} ms")
 
 
 report(pipeline.run(on_progress=report, progress_every=1.0))  # Ctrl-C stops cleanly

@@ -184,8 +184,9 @@ class OnnxBackend(Backend):
     A 4M-parameter graph is too small to split well across cores: ORT's thread pool spends its time
     synchronising (2 threads: 60 fps at batch 4 on this 2-core machine). Single-threaded session
     calls, one per core, do not wait on each other (2 x 1 thread: 95 fps). So on CPU the backend
-    offers `max_workers` = its threads, and the pipeline picks: recorded mode runs that many batches
-    at once (throughput), live mode one frame on all threads (latency; see `configure`)."""
+    offers `max_workers` = its threads, and the pipeline runs that many calls at once in both modes
+    (a batch per core recorded, a frame per core live); a caller that runs one call at a time (a
+    plugin, `predict`) keeps every thread for it (see `configure`)."""
 
     name = "onnx"
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .backends import Backend
-from .frames import Mode
+from .frames import LivePolicy, Mode
 from .model import Segmenter
 from .pipeline import Pipeline
 from .preprocess import prepare
@@ -85,11 +85,12 @@ def compare_step_counts(seg: Segmenter, source: Source, steps: int, frames: int 
 
 def run_benchmark(seg: Segmenter, backend: Backend, make_source: Callable[[], Source], frames: int = 200,
                   mode: Mode | None = None, batch_size: int | None = None, compare_steps: int = 0,
-                  compare_frames: int = 3, compare_rounds: int = 5, smoothing: SmoothingConfig | None = None) -> dict:
+                  compare_frames: int = 3, compare_rounds: int = 5, smoothing: SmoothingConfig | None = None,
+                  live: LivePolicy | None = None) -> dict:
     """One JSON-ready dict; `make_source` is called once per measurement (each needs fresh frames)."""
     source = make_source()
     pipeline = Pipeline(source, backend, [Publisher("tcp://127.0.0.1:*")], mode=mode,
-                        batch_size=batch_size, max_frames=frames)
+                        batch_size=batch_size, max_frames=frames, live=live)
     backend.warmup(sorted({1, pipeline.batch_size}))
     sync(backend.device)
     stats = pipeline.run()

@@ -68,7 +68,8 @@ def predict(
 # ---- streaming runtime: run, batch, bench, view -------------------------------------------------
 
 BACKEND_HELP = "eager | compile | onnx | tensorrt | auto (onnx on CPU, tensorrt on CUDA when installed, else eager)"
-MODE_HELP = "recorded (lossless, backpressure) | live (latest frame wins, drops counted); default by source kind"
+MODE_HELP = ("recorded (lossless, backpressure) | live (bounded latency: drops frames too old or too many, counted); "
+             "default by source kind")
 ENGINE_HELP = "an engine file from `syndiff-stream export` (.onnx, or a TensorRT .ep); overrides --backend"
 PROFILE_HELP = "calibration profile (.json/.yaml): field of view, threshold, smoothing, colour correction"
 REMOTE_HELP = "allow --publish on an address other machines reach (warns; see --curve-secret)"
@@ -138,6 +139,18 @@ def check_mode(mode: Optional[str]):
         fail(f"--mode {mode!r}: choose recorded or live")
 
 
+BUDGET_HELP = ("live mode: drop a frame that waited longer than this since capture, in ms "
+               "(default: 3 frame intervals of the source, 100 ms when its rate is unknown)")
+
+
+def live_policy(latency_budget: Optional[float]):
+    from .frames import LivePolicy
+
+    if latency_budget is not None and not latency_budget > 0:
+        fail(f"--latency-budget must be > 0 ms, got {latency_budget}")
+    return LivePolicy(latency_budget_ms=latency_budget)
+
+
 def stats_line(stats) -> str:
     d = stats.as_dict()
     lat = d["latency_ms"]
@@ -145,7 +158,9 @@ def stats_line(stats) -> str:
                      if d[name])
     return (f"frames {d['frames_out']}/{d['frames']}  e2e {d['e2e_fps']:.1f} fps  model {d['model_fps']:.1f} fps  "
             f"decode {d['decode_fps']:.1f} fps  latency p50 {lat['p50']:.0f} / p99 {lat['p99']:.0f} ms  "
-            f"dropped {d['dropped']}" + faults
+            f"dropped {d['dropped']}"
+            + (f" (late {d['dropped_late']}, capacity {d['dropped_capacity']})  arrival gap p95 "
+               f"{d['inter_arrival_ms']['p95']:.0f} ms" if d["mode"] == "live" else "") + faults
             + (f"  source lost after {d['disconnected_s']:.0f} s disconnected" if d["source_lost"] else ""))
 
 
@@ -241,6 +256,7 @@ def run(
     curve_secret: Optional[Path] = typer.Option(None, help=CURVE_SECRET_HELP),
     curve_allow: Optional[Path] = typer.Option(None, help=CURVE_ALLOW_HELP),
     reconnect_timeout: float = typer.Option(30.0, help=RECONNECT_HELP),
+    latency_budget: Optional[float] = typer.Option(None, help=BUDGET_HELP),
 ):
     """Segment a live or recorded video stream; publish masks over ZeroMQ and/or write files.
 
@@ -257,14 +273,22 @@ def run(
 
     console = Console(stderr=True)
     mode_ = check_mode(mode)
+    live = live_policy(latency_budget)
     profile_ = read_profile(profile)
     gating = gating_config(profile_, gate_persist, gate_hold)
     dev = pick_device(device)
     seg = load_model(model)  # a bad checkpoint fails before the source is even opened
+    # A stream or device is opened only once the backend is made and set up as the pipeline runs it
+    # (sessions created): its frames would otherwise pile up meanwhile and arrive as one burst.
+    # Anything else is opened first, so a wrong path fails at once.
+    from .sources import is_stream
+
+    backend_ = build_backend(seg, backend, dev, threads, engine) if is_stream(source) else None
     # Live mode on a file plays it at its own frame rate, as a scope would deliver it.
     src = open_input(source, fps=fps, realtime=True if mode_ == "live" else None, reconnect_timeout=reconnect_timeout)
     apply_profile_checks(profile_, src)
-    backend_ = build_backend(seg, backend, dev, threads, engine)
+    backend_ = backend_ or build_backend(seg, backend, dev, threads, engine)
+    backend_.configure(backend_.max_workers)
     makers = []
     if publish:
         makers.append(("--publish", lambda: Publisher(publish, encoding=encoding, overlay=publish_overlay,
@@ -287,7 +311,7 @@ def run(
         typer.secho(f"warning: {w.message}", err=True, fg=typer.colors.YELLOW)
     if publish and wait_subscribers and not sinks[0].wait_for_subscribers(wait_subscribers, timeout=60):
         fail(f"--wait-subscribers {wait_subscribers}: not enough subscribers on {publish} within 60 s")
-    pipeline = Pipeline(src, backend_, sinks, mode=mode_, batch_size=batch, max_frames=max_frames,
+    pipeline = Pipeline(src, backend_, sinks, mode=mode_, batch_size=batch, max_frames=max_frames, live=live,
                         stages=Stages.for_profile(backend_, profile_, smooth, gating))
     console.print(pipeline.describe(), soft_wrap=True)
     with StopOnSignal() as stopper:
@@ -391,6 +415,7 @@ def bench(
     smoothing: bool = typer.Option(False, help="also report Dice and flicker with and without smoothing (needs true masks)"),
     json_out: bool = typer.Option(False, "--json", help="print only one JSON object"),
     engine: Optional[Path] = typer.Option(None, help=ENGINE_HELP),
+    latency_budget: Optional[float] = typer.Option(None, help=BUDGET_HELP),
 ):
     """Measure the pipeline honestly: warm up, then time decode, model and end to end."""
     import json
@@ -403,11 +428,12 @@ def bench(
     if source_fps is not None and source_fps <= 0:
         fail(f"--source-fps must be > 0, got {source_fps}")
     mode_ = check_mode(mode)
+    live = live_policy(latency_budget)
     dev = pick_device(device)
     seg = load_model(model)
     backend_ = build_backend(seg, backend, dev, threads, engine)
     try:
-        report = run_benchmark(seg, backend_, lambda: open_input(source, realtime=source_fps is not None, fps=source_fps), frames=frames, mode=mode_, batch_size=batch,
+        report = run_benchmark(seg, backend_, lambda: open_input(source, realtime=source_fps is not None, fps=source_fps), frames=frames, mode=mode_, batch_size=batch, live=live,
                                compare_steps=compare_steps, compare_frames=compare_frames,
                                compare_rounds=compare_rounds,
                                smoothing=default_smoothing(True, seg.config.threshold) if smoothing else None)

@@ -2,11 +2,12 @@
 
     source -> preprocess -> [frame buffer: recorded | live] -> backend -> smoother -> polyps -> gate -> sinks
 
-Three threads overlap the work: decode (source + CPU preprocessing), inference (batches from the
-buffer through the backend; on CUDA, two batches in flight on separate streams; on CPU with ONNX
-Runtime in recorded mode, one single-threaded batch per core), and the calling
-thread (smoothing, postprocessing, sinks and the publisher). The frame buffer is the only place
-frames are dropped, by the named policy of the mode; the queue after inference always applies
+Threads overlap the work: decode (source + CPU preprocessing), inference (takes a batch from the
+buffer only when a slot is free, and submits it: on CUDA, two batches in flight on separate
+streams; on CPU with ONNX Runtime, one single-threaded call per core, in both modes), collect
+(waits for the oldest batch in flight, so results leave in order, and frees its slot), and the
+calling thread (smoothing, postprocessing, sinks and the publisher). The frame buffer is the only
+place frames are dropped, by the named policy of the mode; the queue after inference always applies
 backpressure, so a slow sink slows inference down instead of losing results silently.
 """
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from .backends import Backend
 from .engine import Prepared, Preprocessor, make_runner
-from .frames import Closed, FrameBuffer, Mode, Result
+from .frames import Closed, FrameBuffer, LivePolicy, Mode, Result
 from .gating import GateConfig
 from .smoothing import SmoothingConfig
 from .sources import Source
@@ -42,7 +43,10 @@ class Stats:
     mode: str = ""
     frames_in: int = 0  # frames taken from the source
     frames_out: int = 0  # results through every stage
-    dropped: int = 0  # frames dropped by the live buffer
+    dropped: int = 0  # frames dropped by the live buffer: dropped_late + dropped_capacity
+    dropped_late: int = 0  # older than the latency budget when inference came for them
+    dropped_capacity: int = 0  # the pipeline could not keep up: a full buffer's oldest, a standing queue cut
+    latency_budget_s: float | None = None  # live mode's budget (None in recorded mode)
     decode_s: float = 0.0  # time in the source (decoding / rendering), without live pacing
     preprocess_s: float = 0.0
     model_s: float = 0.0  # time inside the backend (wall time of the inference stage on CUDA)
@@ -59,6 +63,9 @@ class Stats:
     latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
     # per inference call, submit -> result: what one frame (batch) costs the model, in flight
     model_latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
+    # gaps between consecutive capture times: the source's arrival jitter (bursts show as a p50 near
+    # zero with a p95 of several frame intervals)
+    inter_arrival: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
 
     @staticmethod
     def _rate(n: int, seconds: float) -> float:
@@ -78,7 +85,10 @@ class Stats:
             "e2e_fps": self._rate(self.frames_out, self.wall_s),
             "latency_ms": self._percentiles(self.latencies),
             "model_call_ms": self._percentiles(self.model_latencies),
-            "dropped": self.dropped, "scene_cuts": self.scene_cuts,
+            "inter_arrival_ms": self._percentiles(self.inter_arrival),
+            "dropped": self.dropped, "dropped_late": self.dropped_late, "dropped_capacity": self.dropped_capacity,
+            "latency_budget_ms": None if self.latency_budget_s is None else round(self.latency_budget_s * 1000, 1),
+            "scene_cuts": self.scene_cuts,
             "skipped": self.skipped, "invalid": self.invalid, "reconnects": self.reconnects,
             "disconnected_s": round(self.disconnected_s, 3), "source_lost": self.source_lost,
         }
@@ -86,8 +96,8 @@ class Stats:
     def state(self) -> dict:
         """What a heartbeat reports: counters that show a live run is healthy, or why not."""
         d = self.as_dict()
-        return {k: d[k] for k in ("frames", "frames_out", "dropped", "skipped", "invalid", "reconnects",
-                                  "disconnected_s")}
+        return {k: d[k] for k in ("frames", "frames_out", "dropped", "dropped_late", "dropped_capacity", "skipped",
+                                  "invalid", "reconnects", "disconnected_s")}
 
 
 class Pipeline:
@@ -95,32 +105,40 @@ class Pipeline:
                  smoothing: SmoothingConfig | None = None, batch_size: int | None = None,
                  buffer_size: int | None = None, max_frames: int | None = None,
                  preprocess: Preprocessor | None = None, heartbeat_every: float = 1.0,
-                 stages: Stages | None = None, gating: GateConfig | None = None):
+                 stages: Stages | None = None, gating: GateConfig | None = None, live: LivePolicy | None = None):
         """`smoothing=None` keeps the model's per-frame masks (prob >= threshold); `batch_size`
-        defaults to 4 in recorded mode and 1 in live mode (batching adds latency); `preprocess`
+        defaults to 4 in recorded mode and 1 in live mode (batching adds latency); `live` is live
+        mode's drop policy (latency budget, capacity; `buffer_size` overrides its capacity); `preprocess`
         replaces the default stage (e.g. a calibration profile's ProfilePreprocessor); `stages` gives
         the whole chain instead (`Stages.for_profile`), then `preprocess`, `smoothing` and `gating` are
         unused; `gating=None` reports every polyp at once (`GateConfig.off()`); sinks with a
         `status(dict)` method (the publisher) get the run's state every `heartbeat_every` seconds."""
         self.mode = Mode(mode) if mode else source.default_mode
-        live = self.mode is Mode.LIVE
-        self.batch_size = batch_size or (1 if live else 4)
+        self.live = live or LivePolicy()
+        is_live = self.mode is Mode.LIVE
+        self.batch_size = batch_size or (1 if is_live else 4)
         self.max_frames = max_frames
         # ---- the graph: the stage chain (stages.py) on three threads, plus buffer and sinks ------
         self.source = source
         self.stages = stages or Stages(backend, preprocess, smoothing, gating)
         self.preprocess = self.stages.preprocess
-        self.buffer = FrameBuffer(buffer_size or (1 if live else 2 * self.batch_size), self.mode)
-        # Recorded: as many batches in flight as the backend runs well at once (throughput).
-        # Live: one frame at a time on every thread (the newest frame, soonest).
-        backend.configure(1 if live else backend.max_workers)
+        fps = nominal_fps(source)
+        budget = self.live.budget_s(fps) if is_live else None
+        capacity = buffer_size or (self.live.capacity_for(fps) if is_live else 2 * self.batch_size)
+        self.buffer = FrameBuffer(capacity, self.mode, max_age=budget or float("inf"))
+        # As many calls in flight as the backend runs well at once: on CPU with ONNX Runtime one
+        # single-threaded call per core, which beats one call on every thread for throughput and,
+        # as soon as frames come faster than one call takes, for latency too. Results stay in order.
+        backend.configure(backend.max_workers)
         self.runner = make_runner(backend)
         self.smoother = self.stages.smoother
         self.sinks = list(sinks)
         # ----------------------------------------------------------------------------------------
         self.backend = backend
         self.results: queue.Queue = queue.Queue(maxsize=2 * self.batch_size * self.runner.depth)
-        self.stats = Stats(mode=self.mode.value)
+        self.stats = Stats(mode=self.mode.value, latency_budget_s=budget)
+        self._slots = threading.Semaphore(self.runner.depth)  # batches in flight
+        self._pending: queue.Queue = queue.Queue()  # (items, handle, t0) in submission order
         self.stop = threading.Event()
         self.stop_requested = threading.Event()  # set by `request_stop` (signals, soak timer)
         self.heartbeat_every = heartbeat_every
@@ -130,8 +148,10 @@ class Pipeline:
     def describe(self) -> str:
         smooth = self.smoother.config.describe()
         sinks = ", ".join(type(s).__name__ for s in self.sinks) or "none"
+        budget = (f", budget {self.stats.latency_budget_s * 1000:.0f} ms"
+                  if self.stats.latency_budget_s is not None else "")
         return (f"{self.source.source_id} -> preprocess {self.backend.input_size}px -> {self.mode.value} buffer "
-                f"({self.buffer.capacity}) -> {self.backend.name} on {self.backend.device} (batch {self.batch_size}"
+                f"({self.buffer.capacity}{budget}) -> {self.backend.name} on {self.backend.device} (batch {self.batch_size}"
                 f"{f' x {self.runner.depth} in flight' if self.runner.depth > 1 else ''}) "
                 f"-> smoothing {smooth} -> polyps -> gating {self.stages.gate.config.describe()} -> {sinks}")
 
@@ -150,7 +170,7 @@ class Pipeline:
                 stats.decode_s += t1 - t0 - ((clock.slept - slept0) if clock else 0.0)
                 stats.preprocess_s += time.perf_counter() - t1
                 stats.frames_in += 1
-                self.buffer.put(item)
+                self.buffer.put(item, frame.capture_time)
         except BaseException as exc:
             self.errors.append(exc)
         finally:
@@ -164,22 +184,46 @@ class Pipeline:
             except queue.Full:
                 continue
 
+    def _take_slot(self) -> bool:
+        while not self.stop.is_set():
+            if self._slots.acquire(timeout=0.1):
+                return True
+        return False
+
     def _infer(self) -> None:
-        pending: deque = deque()
+        """Take frames only when a slot is free, so live mode hands the model the freshest frames
+        still within budget, not ones grabbed early to wait for a busy core."""
         try:
-            while not self.stop.is_set():
+            while self._take_slot():
                 try:
                     batch = self.buffer.get_batch(self.batch_size, timeout=0.1)
                 except Closed:
+                    self._slots.release()
                     break
-                for _, same_shape in groupby(batch, key=lambda item: item.frame.shape):
+                if not batch:
+                    self._slots.release()
+                    continue
+                for i, (_, same_shape) in enumerate(groupby(batch, key=lambda item: item.frame.shape)):
+                    if i and not self._take_slot():
+                        return
                     items = list(same_shape)
                     t0 = time.perf_counter()
-                    pending.append((items, self.runner.submit(items), t0))
-                    while len(pending) >= self.runner.depth:
-                        self._collect(pending.popleft())
-            while pending:
-                self._collect(pending.popleft())
+                    self._pending.put((items, self.runner.submit(items), t0))
+        except BaseException as exc:
+            self.errors.append(exc)
+            self.stop.set()
+        finally:
+            self._pending.put(_END)
+
+    def _collect_loop(self) -> None:
+        """Results in submission order, each as soon as it and those before it are done."""
+        try:
+            while not self.stop.is_set():
+                entry = self._pending.get()
+                if entry is _END:
+                    break
+                self._collect(entry)
+                self._slots.release()
         except BaseException as exc:
             self.errors.append(exc)
             self.stop.set()
@@ -194,7 +238,7 @@ class Pipeline:
         items, handle, t0 = entry
         prob = handle.result()
         now = time.perf_counter()
-        # Busy time of the inference stage: with batches overlapping on CUDA, count each second once.
+        # Busy time of the inference stage: with batches overlapping, count each second once.
         self.stats.model_s += now - max(t0, self._last_done)
         self.stats.model_latencies.append(now - t0)
         self._last_done = now
@@ -219,7 +263,8 @@ class Pipeline:
         stats = self.stats
         start = last_report = last_beat = time.perf_counter()
         threads = [threading.Thread(target=self._decode, name="decode", daemon=True),
-                   threading.Thread(target=self._infer, name="infer", daemon=True)]
+                   threading.Thread(target=self._infer, name="infer", daemon=True),
+                   threading.Thread(target=self._collect_loop, name="collect", daemon=True)]
         for t in threads:
             t.start()
         try:
@@ -228,7 +273,7 @@ class Pipeline:
                     entry = self.results.get(timeout=0.1)
                 except queue.Empty:
                     entry = None
-                if entry is _END or (entry is None and not threads[1].is_alive() and self.results.empty()):
+                if entry is _END or (entry is None and not threads[-1].is_alive() and self.results.empty()):
                     break
                 if entry is not None:
                     result = self._finish(*entry)
@@ -292,5 +337,16 @@ class Pipeline:
         self.stats.disconnected_s = getattr(source, "disconnected_s", 0.0)
         self.stats.source_lost = getattr(source, "lost", False)
         self.stats.dropped = self.buffer.dropped
+        self.stats.dropped_late, self.stats.dropped_capacity = self.buffer.dropped_late, self.buffer.dropped_capacity
+        self.stats.inter_arrival = deque(self.buffer.arrivals(), maxlen=LATENCY_WINDOW)
         self.stats.scene_cuts = self.smoother.cuts
         self.stats.invalid = self.stages.invalid
+
+
+def nominal_fps(source: Source) -> float | None:
+    """The rate frames are meant to arrive at: the pace a file is played at, else the stream's own."""
+    clock = getattr(source, "clock", None)
+    if clock is not None and getattr(clock, "period", 0):
+        return 1.0 / clock.period
+    fps = getattr(source, "fps", None)
+    return float(fps) if fps else None

@@ -427,6 +427,15 @@ class DemoSource(Source):
 
 # ---- choosing a source from a string -------------------------------------------------------------
 
+def is_stream(spec: str | None) -> bool:
+    """Whether `spec` names a network stream or a capture device: a source that delivers frames
+    whether or not anyone reads them (they pile up from the moment it is opened)."""
+    spec = (spec or "").strip()
+    scheme = spec.split("://", 1)[0].lower() if "://" in spec else ""
+    fmt, _, target = spec.partition(":")
+    return scheme in NETWORK_SCHEMES or (fmt in DEVICE_FORMATS and bool(target)) or spec.startswith("/dev/video")
+
+
 def open_source(spec: str | None = None, *, fps: float | None = None, seed: int = 0,
                 size: tuple[int, int] | None = None, realtime: bool | None = None,
                 options: dict | None = None, reconnect_timeout: float = 0.0) -> Source:

@@ -113,3 +113,27 @@ def test_clinicdb_clips_then_eval_video_on_a_clip(rt_tiny_model_dir, tmp_path):
                            "--backend", "eager", "--device", "cpu", "--json"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert '"frames": 3' in done.stdout
+
+
+def test_send_udp_feeds_a_live_pipeline(rt_tiny_model_dir, rt_tiny_segmenter, tmp_path):
+    import socket
+
+    from syndiff_stream.frames import Mode
+
+    clip = tmp_path / "clip.mp4"
+    rt_write_video(clip, frames=12, size=(72, 96), codec="libx264")  # H.264, as scopes and encoders send
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"udp://127.0.0.1:{s.getsockname()[1]}"
+    # bursty pacing, looping long enough for the receiver to join at the next keyframe
+    sender = subprocess.Popen([sys.executable, str(EXAMPLES / "send_udp.py"), clip, url, "--pace", "pts",
+                               "--loops", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pipeline = Pipeline(open_source(url), make_backend("eager", rt_tiny_segmenter), mode=Mode.LIVE,
+                            max_frames=10)
+        stats = pipeline.run()
+    finally:
+        sender.kill()
+        _, err = sender.communicate(timeout=30)
+    assert stats.frames_in == 10 and stats.frames_out + stats.dropped == 10, err
+    assert stats.source_size == (72, 96)

@@ -8,7 +8,7 @@ import pytest
 from conftest import rt_write_video
 from syndiff_stream.frames import Mode
 from syndiff_stream.sources import (AVSource, DemoSource, ImageFolderSource, PseudoVideoSource, SourceError,
-                                    open_source)
+                                    is_stream, open_source)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg-train"
 
@@ -95,3 +95,11 @@ def test_pseudo_video_over_real_images():
     src = PseudoVideoSource(SHARED_DATA, size=(144, 180), frames_per_image=3, limit_images=2)
     frames = list(src)
     assert len(frames) == 6 and all(f.truth.shape == (144, 180) for f in frames)
+
+
+@pytest.mark.parametrize("spec, stream", [
+    ("udp://127.0.0.1:5600", True), ("RTSP://scope/live", True), ("v4l2:/dev/video0", True), ("/dev/video2", True),
+    ("clip.mp4", False), ("demo", False), ("pseudo:/data", False), (None, False), ("C:/videos/a.mp4", False),
+])
+def test_is_stream_names_sources_that_deliver_whether_read_or_not(spec, stream):
+    assert is_stream(spec) is stream
