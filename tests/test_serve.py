@@ -164,7 +164,8 @@ def test_page_shows_the_live_overlay_counters_and_a_stopped_publisher(served, rt
             browser.navigate(server.base + "/")
             # Generous bounds, not timings: a loaded CI machine may run the tiny model at ~1 fps.
             browser.wait_for("window.syndiff && window.syndiff.shown >= 3", timeout=120)
-            assert text(browser, "state") == "streaming"
+            # the state comes with the publisher's heartbeat (every second), frames may come sooner
+            browser.wait_for("document.getElementById('state').textContent === 'streaming'", timeout=60)
             assert text(browser, "source") == "demo:0"
             first = browser.evaluate("window.syndiff.shown")
             browser.wait_for(f"window.syndiff.shown > {first} + 2", timeout=120)  # the counters move
