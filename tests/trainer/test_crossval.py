@@ -1,0 +1,34 @@
+"""Grouped k-fold and leave-one-source-out on a tiny recipe: every fold trains and scores whole groups."""
+
+import json
+
+from typer.testing import CliRunner
+
+from recipes import tiny_recipe
+from syndiff_trainer.cli import app
+from syndiff_trainer.crossval import run_cross_centre, run_kfold
+
+
+def test_kfold_scores_every_image_once_and_cross_centre_holds_out_each_source(kvasir_40, clinicdb_subset, tmp_path):
+    recipe = tiny_recipe(("kvasir", kvasir_40, "phash"), ("clinicdb", clinicdb_subset, "sequences"),
+                         sets=["steps=2", "stage1.steps=2", "val_every=2"])
+    opts = {"device": "cpu", "threads": 1, "progress": False, "cache_dir": str(tmp_path / "cache")}
+    table = run_kfold(recipe, tmp_path / "cv", 2, **opts)
+    results = json.loads((tmp_path / "cv" / "results.json").read_text())
+    assert sum(r["n"] for r in results) == 40 + len(list((clinicdb_subset / "images").iterdir()))
+    for k in range(2):  # a ClinicDB sequence is scored in one fold only
+        split = json.loads((tmp_path / "cv" / f"fold{k}-split.json").read_text())
+        assert not {s for s in split["val"]} & set(split["train"])
+    assert "| summary |" in table and "| clinicdb |" in table
+    centres = run_cross_centre(recipe, tmp_path / "cc", **opts)
+    held = json.loads((tmp_path / "cc" / "results.json").read_text())
+    assert held["kvasir"]["n"] == 40 and set(held) == {"kvasir", "clinicdb"}
+    assert "| clinicdb | kvasir |" in centres
+
+
+def test_groups_command_prints_counts_and_draws_a_sheet(kvasir_40, tmp_path):
+    result = CliRunner().invoke(app, ["groups", "--recipe", "tiny-smoke", "--set", f'data.0.path="{kvasir_40}"',
+                                      "--sheet", str(tmp_path / "g.png")])
+    assert result.exit_code == 0, result.output
+    counts = json.loads(result.output.splitlines()[0])
+    assert counts["kvasir"]["images"] == 40 and (tmp_path / "g.png").is_file()
