@@ -47,10 +47,10 @@ from syndiff_stream.atomic import atomic_path, write_text
 from syndiff_stream.backends import pick_device
 from syndiff_stream.metrics import dice
 from syndiff_stream.model import CheckpointError, Segmenter, SegmenterConfig, init_from_sd_vae, soft_dice
-from syndiff_stream.preprocess import to_model_range
 
 from .data import (ArrayDataset, BatchSampler, apply_split, build_augmenter, grouped_split,
                    load_sources, manifest_mismatch, sample_seed, small_polyp_weights)
+from .evaluate import predict_masks
 from .recipe import RECIPE_NAME, Recipe, RecipeError, load_recipe, recipe_diff
 
 RECORDS = (RECIPE_NAME, "manifest.json", "split.json", "run.json", "log.jsonl")
@@ -97,22 +97,11 @@ def library_versions() -> dict:
 
 # ---- evaluation used during training ---------------------------------------------------------
 
-@torch.no_grad()
-def predict_dice(model: Segmenter, ds: ArrayDataset, device, batch_size: int = 16) -> np.ndarray:
-    model.eval()
-    scores = []
-    for i in range(0, len(ds), batch_size):
-        x = to_model_range(torch.from_numpy(ds.images[i:i + batch_size]).permute(0, 3, 1, 2).float()).to(device)
-        prob = model.predict_proba(x).cpu().numpy()[:, 0]
-        scores += [dice(p >= model.config.threshold, m) for p, m in zip(prob, ds.masks[i:i + batch_size])]
-    return np.array(scores)
-
-
-def validation_metrics(model: Segmenter, ds: ArrayDataset, device, prefix: str) -> dict:
+def validation_metrics(model: Segmenter, ds: ArrayDataset, prefix: str) -> dict:
     """Mean Dice over `ds` and per source: `{prefix}_dice`, `{prefix}_dice/<source>`."""
     if not len(ds):
         return {}
-    scores = predict_dice(model, ds, device)
+    scores = np.array([dice(p, m) for p, m in zip(predict_masks(model, ds.images), ds.masks)])
     out = {f"{prefix}_dice": float(scores.mean())}
     sources = np.array(ds.sources)
     for source in sorted(set(ds.sources)):
@@ -376,8 +365,7 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict:
                        "sec_per_step": round(t_steps / max(1, n_steps), 4)}
             if step % recipe.val_every == 0 or step == recipe.steps:
                 scored = ema_model()
-                metrics = {**validation_metrics(scored, val, device, "val"),
-                           **validation_metrics(scored, select, device, "select")}
+                metrics = {**validation_metrics(scored, val, "val"), **validation_metrics(scored, select, "select")}
                 digest = weights_digest(scored)
                 row = {**(row or {"stage": 2, "step": step, "lr": lr,
                                   **{k: round(v.item(), 6) for k, v in losses.items()}}),
