@@ -121,60 +121,6 @@ def _load_model(path: Optional[Path]):
         _fail(exc)
 
 
-def _eval_data(data: List[str], model_dir: Path, split_file: Optional[Path], split: str, subset: Optional[str],
-               limit: Optional[int], size: int, warn, skip_unpaired: bool = False) -> "object":
-    """Sources named NAME=PATH (or PATH: named as the checkpoint's manifest names that folder, else by
-    folder name), cut to one side of the checkpoint's recorded split (or --split-file)."""
-    from syndiff_stream.datasets import DatasetError
-
-    from .data import apply_split, group_ids, load_dataset
-    from .recipe import load_recipe
-
-    recorded = model_dir / "split.json"
-    manifest_names, grouping = {}, {}
-    if (model_dir / "manifest.json").is_file():
-        for src in json.loads((model_dir / "manifest.json").read_text())["sources"]:
-            manifest_names[str(Path(src["path"]).resolve())] = src["name"]
-            grouping[src["name"]] = src.get("grouping", "none")
-    threshold = load_recipe(model_dir / "recipe.toml").split.phash_threshold if (model_dir / "recipe.toml").is_file() else 5
-    try:
-        parts = []
-        for item in data:
-            name, sep, path = item.partition("=")
-            if not sep:
-                path, name = item, manifest_names.get(str(Path(item).resolve()), Path(item).name)
-            if not Path(path).is_dir():
-                raise DatasetError(f"--data {path}: folder does not exist")
-            ds = load_dataset(path, size, subset=subset, progress=False, skip_unreadable=skip_unpaired)
-            how = grouping.get(name) or ("sequences" if (Path(path) / "sequences.csv").is_file() else "phash")
-            ds.groups = group_ids(ds, how, Path(path), threshold)
-            parts.append(ds.prefixed(name))
-        ds = parts[0]
-        for part in parts[1:]:
-            ds = ds.concat(part)
-        split_path = split_file or (recorded if recorded.is_file() and split != "all" else None)
-        if split_path is not None and split != "all":
-            chosen = json.loads(Path(split_path).read_text())
-            names = sorted(set(ds.sources))
-            if len(names) == 1:  # split files from before sources had names hold bare stems
-                for side in ("train", "select", "val"):
-                    chosen[side] = [s if "/" in s else f"{names[0]}/{s}" for s in chosen.get(side, [])]
-            known = set(ds.stems)
-            for side in ("train", "select", "val"):
-                chosen[side] = [s for s in chosen.get(side, []) if s in known]
-            named = {s for side in ("train", "select", "val") for s in chosen[side]}
-            unseen = [s for s in ds.stems if s not in named]  # sources the run never saw: all held out
-            chosen["val"] += unseen
-            ds = apply_split(ds, chosen, split)
-        elif manifest_names and split == "all":
-            warn("scoring every image, training images included (--split all)")
-        elif not manifest_names and split_file is None:
-            warn("this checkpoint records no split: if it was trained on these images, the score is inflated")
-    except (DatasetError, OSError, json.JSONDecodeError, KeyError) as exc:
-        _fail(exc)
-    return ds.subset(range(min(limit, len(ds)))) if limit else ds
-
-
 @app.command("eval")
 def eval_(
     data: List[str] = typer.Option(..., metavar="PATH", help=DATA_HELP + "; repeat for several sources, NAME=PATH to name one"),
@@ -199,7 +145,7 @@ def eval_(
 
     from syndiff_stream.model import default_checkpoint_path
 
-    from .evaluate import evaluate, source_table
+    from .evaluate import evaluate, load_eval_data, source_table
 
     if split not in ("val", "select", "train", "all"):
         _fail(ValueError(f"--split {split!r}: choose val, select, train or all"))
@@ -209,8 +155,9 @@ def eval_(
     if tta:
         seg.config.tta_flip = True
     warn = lambda msg: typer.secho(f"warning: {msg}", err=True, fg=typer.colors.YELLOW)  # noqa: E731
-    ds = _eval_data(data, model or default_checkpoint_path(), split_file, split, subset, limit,
-                    seg.config.image_size, warn, skip_unpaired)
+    ds = _run(load_eval_data, data, model or default_checkpoint_path(), split_file, split, subset,
+              seg.config.image_size, warn, skip_unpaired)
+    ds = ds.subset(range(min(limit, len(ds)))) if limit else ds
     result = evaluate(seg, ds, steps=steps, timestep=timestep, per_image=per_image)
     if as_json:
         typer.echo(json.dumps(result))

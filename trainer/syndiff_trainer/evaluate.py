@@ -13,18 +13,22 @@ resampling them one by one would make the interval too narrow.
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 import warnings
 
 import numpy as np
 import torch
 
+from syndiff_stream.datasets import DatasetError
 from syndiff_stream.metrics import dice, iou
 from syndiff_stream.model import Segmenter
 from syndiff_stream.preprocess import to_model_range
 
-from .data import ArrayDataset
+from .data import ArrayDataset, apply_split, group_ids, load_dataset
+from .recipe import load_recipe
 
 NSD_TOLERANCE_PX = 2.0
 SMALL_POLYP_FRACTION = 0.02  # a polyp under 2 % of the frame is "small"
@@ -163,3 +167,53 @@ def fold_table(results: list[dict], title: str = "") -> str:
              "| folds | Dice (%) | IoU (%) | HD95 (px) | NSD (%) |", "|---|---|---|---|---|",
              f"| {len(results)} | {cell('dice')} | {cell('iou')} | {cell('hd95', 1.0)} | {cell('nsd')} |"]
     return "\n".join(lines).strip() + "\n"
+
+
+def load_eval_data(data: list[str], model_dir: Path, split_file: Path | None, split: str, subset: str | None,
+                   size: int, warn, skip_unpaired: bool = False) -> ArrayDataset:
+    """Sources named NAME=PATH (or PATH: named as the checkpoint's manifest names that folder, else by
+    folder name), cut to one side of the checkpoint's recorded split (or --split-file)."""
+    model_dir = Path(model_dir)
+    recorded = model_dir / "split.json"
+    manifest_names, grouping = {}, {}
+    if (model_dir / "manifest.json").is_file():
+        for src in json.loads((model_dir / "manifest.json").read_text())["sources"]:
+            manifest_names[str(Path(src["path"]).resolve())] = src["name"]
+            grouping[src["name"]] = src.get("grouping", "none")
+    threshold = load_recipe(model_dir / "recipe.toml").split.phash_threshold if (model_dir / "recipe.toml").is_file() else 5
+    try:
+        parts = []
+        for item in data:
+            name, sep, path = item.partition("=")
+            if not sep:
+                path, name = item, manifest_names.get(str(Path(item).resolve()), Path(item).name)
+            if not Path(path).is_dir():
+                raise DatasetError(f"--data {path}: folder does not exist")
+            ds = load_dataset(path, size, subset=subset, progress=False, skip_unreadable=skip_unpaired)
+            how = grouping.get(name) or ("sequences" if (Path(path) / "sequences.csv").is_file() else "phash")
+            ds.groups = group_ids(ds, how, Path(path), threshold)
+            parts.append(ds.prefixed(name))
+        ds = parts[0]
+        for part in parts[1:]:
+            ds = ds.concat(part)
+        split_path = split_file or (recorded if recorded.is_file() and split != "all" else None)
+        if split_path is not None and split != "all":
+            chosen = json.loads(Path(split_path).read_text())
+            names = sorted(set(ds.sources))
+            if len(names) == 1:  # split files from before sources had names hold bare stems
+                for side in ("train", "select", "val"):
+                    chosen[side] = [s if "/" in s else f"{names[0]}/{s}" for s in chosen.get(side, [])]
+            known = set(ds.stems)
+            for side in ("train", "select", "val"):
+                chosen[side] = [s for s in chosen.get(side, []) if s in known]
+            named = {s for side in ("train", "select", "val") for s in chosen[side]}
+            unseen = [s for s in ds.stems if s not in named]  # sources the run never saw: all held out
+            chosen["val"] += unseen
+            ds = apply_split(ds, chosen, split)
+        elif manifest_names and split == "all":
+            warn("scoring every image, training images included (--split all)")
+        elif not manifest_names and split_file is None:
+            warn("this checkpoint records no split: if it was trained on these images, the score is inflated")
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise DatasetError(f"evaluation data: {exc}") from None
+    return ds
