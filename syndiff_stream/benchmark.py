@@ -91,9 +91,7 @@ def run_benchmark(seg: Segmenter, backend: Backend, make_source: Callable[[], So
     source = make_source()
     pipeline = Pipeline(source, backend, [Publisher("tcp://127.0.0.1:*")], mode=mode,
                         batch_size=batch_size, max_frames=frames, live=live)
-    backend.warmup(sorted({1, pipeline.batch_size}))
-    sync(backend.device)
-    stats = pipeline.run()
+    stats = pipeline.run()  # warms the backend up before its first frame
     sync(backend.device)
     report = {
         "device": device_name(backend.device), "backend": backend.name, "model_params": seg.num_parameters(),

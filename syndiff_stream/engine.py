@@ -82,6 +82,17 @@ class HostRunner:
         x = torch.from_numpy(np.stack([item.x for item in items]))
         return self.pool.submit(self._run, x) if self.pool else Done(self._run(x))
 
+    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """One call per batch size on every pool thread at once, before the first frame: a first
+        call allocates (ORT's arena, each thread's scratch), and on a live stream its 100-400 ms
+        would fall on the first frames, which then wait past the budget or crowd the buffer."""
+        size = self.backend.input_size
+        for n in batch_sizes:
+            x = torch.zeros(n, 3, size, size)
+            for handle in [self.pool.submit(self._run, x) if self.pool else Done(self._run(x))
+                           for _ in range(self.depth)]:
+                handle.result()
+
     def close(self) -> None:
         if self.pool:
             self.pool.shutdown(wait=True, cancel_futures=True)
@@ -151,6 +162,11 @@ class CudaRunner:
             done = torch.cuda.Event()
             done.record(self.download)
         return CudaPending(done, host_out)
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Lazy compilation (TensorRT engines, cuDNN autotuning) before the first frame."""
+        self.backend.warmup(batch_sizes)
+        torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
         pass

@@ -261,6 +261,13 @@ class Pipeline:
         return stats. Errors in any stage stop the graph and are re-raised here, and then the file
         sinks discard their unfinished files instead of finalising them (`abort`)."""
         stats = self.stats
+        try:
+            self.runner.warmup(sorted({1, self.batch_size}))
+        except BaseException:  # a backend that cannot run: close what was opened, keep nothing half-written
+            self.runner.close()
+            self._close_sinks(failed=True)
+            self.source.close()
+            raise
         start = last_report = last_beat = time.perf_counter()
         threads = [threading.Thread(target=self._decode, name="decode", daemon=True),
                    threading.Thread(target=self._infer, name="infer", daemon=True),

@@ -149,6 +149,7 @@ def test_recorded_mode_keeps_one_batch_per_worker_in_flight_and_order(rt_tiny_se
     pipeline = Pipeline(DemoSource(size=(72, 90), realtime=False, frames=frames), backend, mode=Mode.RECORDED,
                         batch_size=2)
     assert pipeline.runner.depth == 2
+    pipeline.runner.warmup = lambda sizes: None  # the warm-up's two calls would meet without the pipeline
     order = []
     pipeline.sinks.append(type("Sink", (), {"write": lambda self, r: order.append(r.frame.index),
                                             "close": lambda self: None})())
@@ -162,9 +163,51 @@ def test_live_mode_keeps_one_frame_per_worker_in_flight_and_releases_them_in_ord
     pipeline = Pipeline(DemoSource(size=(72, 90), realtime=False, frames=16), backend, mode=Mode.LIVE,
                         live=no_deadline)
     assert backend.workers == pipeline.runner.depth == 2 and pipeline.batch_size == 1
+    pipeline.runner.warmup = lambda sizes: None  # the warm-up's two calls would meet without the pipeline
     order = []
     pipeline.sinks.append(type("Sink", (), {"write": lambda self, r: order.append(r.frame.index),
                                             "close": lambda self: None})())
     stats = pipeline.run()
     assert backend.most_inside == 2 and order == sorted(order) and order[-1] == 15
     assert stats.frames_out + stats.dropped_capacity == 16 and stats.dropped_late == 0
+
+
+class RecordingDemo(DemoSource):
+    """Notes when its first frame is asked for."""
+
+    def __iter__(self):
+        self.started = time.perf_counter()
+        yield from super().__iter__()
+
+
+class CallLog(ParallelSlowBackend):
+    def infer(self, batch):
+        self.log.append((threading.current_thread().name, len(batch), time.perf_counter()))
+        return super().infer(batch)
+
+
+@pytest.mark.parametrize("mode, sizes", [(Mode.LIVE, [1]), (Mode.RECORDED, [1, 4])])
+def test_every_worker_is_warmed_up_for_each_batch_size_before_the_first_frame(rt_tiny_segmenter, mode, sizes):
+    """A first call allocates; on a live stream it would make the first frames late."""
+    backend = CallLog(rt_tiny_segmenter)
+    backend.log = []
+    source = RecordingDemo(size=(72, 90), realtime=False, frames=4)
+    pipeline = Pipeline(source, backend, mode=mode, live=LivePolicy(latency_budget_ms=1e9))
+    pipeline.run()
+    warm = [(name, n) for name, n, t in backend.log if t < source.started]
+    assert sorted(n for _, n in warm) == sorted(sizes * 2)  # each batch size once per worker
+    assert all(len({name for name, m in warm if m == n}) == 2 for n in sizes)  # on both pool threads
+
+
+def test_a_backend_that_fails_its_warm_up_leaves_the_sinks_closed(rt_tiny_segmenter):
+    class Broken(EagerBackend):
+        def infer(self, batch):
+            raise RuntimeError("no such engine")
+
+    closed = []
+    sink = type("Sink", (), {"write": lambda self, r: None, "close": lambda self: closed.append("close"),
+                             "abort": lambda self: closed.append("abort")})()
+    with pytest.raises(RuntimeError, match="no such engine"):
+        Pipeline(DemoSource(size=(48, 60), realtime=False, frames=5), Broken(rt_tiny_segmenter), [sink]).run()
+    assert closed == ["abort"]
+
