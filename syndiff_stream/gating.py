@@ -21,10 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
-from .postprocess import Polyp
+from .postprocess import Polyp, components
 
 
 @dataclass(frozen=True)
@@ -122,6 +121,6 @@ class AlarmGate:
             return []
         if len(polyps) == 1:
             return [(polyps[0], mask.astype(bool, copy=True))]
-        _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-        by_box = {(int(x), int(y), int(x + w), int(y + h)): i for i, (x, y, w, h) in enumerate(stats[1:, :4], start=1)}
-        return [(p, labels == by_box[p.box]) for p in polyps]
+        cc = components(mask)
+        by_box = {(int(x), int(y), int(x + w), int(y + h)): i for i, (x, y, w, h) in enumerate(cc.stats[1:, :4], start=1)}
+        return [(p, cc.labels == by_box[p.box]) for p in polyps]

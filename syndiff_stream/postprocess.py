@@ -26,28 +26,61 @@ class Polyp:
         return out
 
 
+@dataclass(frozen=True)
+class Components:
+    """8-connected components of a mask, as `cv2.connectedComponentsWithStats` numbers them."""
+
+    count: int  # with the background, label 0
+    labels: np.ndarray  # int32 (H, W)
+    stats: np.ndarray  # (count, 5) CC_STAT rows at frame coordinates; row 0 is the background
+    box: tuple[slice, slice]  # rows and columns that hold every component: index inside it, not the frame
+
+
+def components(mask: np.ndarray) -> Components:
+    """Labelled inside the mask's bounding box only: polyps cover a few percent of a frame, and
+    `finish` labels each frame twice (small-region removal, polyps), so at 720x576 this costs a
+    third of labelling the whole frame."""
+    mask_u8 = mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8, copy=False)
+    height, width = mask.shape
+    labels = np.zeros((height, width), np.int32)
+    x, y, w, h = cv2.boundingRect(mask_u8)
+    if w == 0 or h == 0:
+        return Components(1, labels, np.array([[0, 0, width, height, height * width]], np.int32),
+                          (slice(0, 0), slice(0, 0)))
+    # OpenCV labels 2x2 blocks from the top-left: an even origin numbers components as the full frame does
+    w, h, x, y = w + x % 2, h + y % 2, x - x % 2, y - y % 2
+    box = (slice(y, y + h), slice(x, x + w))
+    n, labels[box], stats, _ = cv2.connectedComponentsWithStats(mask_u8[box], connectivity=8)
+    stats[1:, cv2.CC_STAT_LEFT] += x
+    stats[1:, cv2.CC_STAT_TOP] += y
+    stats[0] = (0, 0, width, height, height * width - stats[1:, cv2.CC_STAT_AREA].sum())
+    return Components(n, labels, stats, box)
+
+
 def find_polyps(mask: np.ndarray, prob: np.ndarray | None = None) -> list[Polyp]:
     """Bool mask (H, W) and its probability map -> polyps, largest first.
 
-    One labelling pass and one contour pass over the whole mask (each outer contour belongs to the
-    component under its first point), so cost does not grow with the number of components."""
+    One labelling pass and one contour pass over the mask's bounding box (each outer contour belongs
+    to the component under its first point), so cost does not grow with the number of components."""
     mask = mask.astype(bool, copy=False)
     if not mask.any():
         return []
-    mask_u8 = mask.view(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask_u8, connectivity=8)
+    cc = components(mask)
+    inside = mask[cc.box]
     # Sum probabilities over mask pixels only: polyps cover a few percent of the frame, so this is
     # ~15x cheaper than a bincount over every pixel (3.3 -> 0.2 ms at 720x576).
-    scores = (np.bincount(labels[mask], weights=prob[mask], minlength=n)
-              / np.maximum(stats[:, cv2.CC_STAT_AREA], 1)) if prob is not None else np.ones(n)
+    scores = (np.bincount(cc.labels[cc.box][inside], weights=prob[cc.box][inside], minlength=cc.count)
+              / np.maximum(cc.stats[:, cv2.CC_STAT_AREA], 1)) if prob is not None else np.ones(cc.count)
     # CCOMP puts the outer boundary of every component at the top level, including components that
     # sit inside another one's hole (which RETR_EXTERNAL would skip).
-    contours, hierarchy = cv2.findContours(mask_u8, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    rows, cols = cc.box
+    contours, hierarchy = cv2.findContours(inside.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE,
+                                           offset=(cols.start, rows.start))
     outline = {}
     for contour, (_, _, _, parent) in zip(contours, hierarchy[0]):
         if parent < 0:
             x, y = contour[0, 0]
-            outline[int(labels[y, x])] = contour.reshape(-1, 2)
+            outline[int(cc.labels[y, x])] = contour.reshape(-1, 2)
     polyps = [Polyp((int(x), int(y), int(x + w), int(y + h)), int(area), float(scores[i]), outline[i])
-              for i, (x, y, w, h, area) in enumerate(stats[1:, :5], start=1)]
+              for i, (x, y, w, h, area) in enumerate(cc.stats[1:, :5], start=1)]
     return sorted(polyps, key=lambda p: -p.area)

@@ -35,6 +35,7 @@ import numpy as np
 
 from .frames import Frame
 from .metrics import dice, iou
+from .postprocess import components
 from .preprocess import FieldOfView, to_source
 
 THUMB = 32  # scene-cut detection compares 32x32 grey thumbnails
@@ -91,12 +92,16 @@ def remove_small(mask: np.ndarray, min_pixels: float, support: np.ndarray | None
     mask, those that do not touch it."""
     if (min_pixels <= 1 and support is None) or not mask.any():
         return mask
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_pixels
+    cc = components(mask)
+    keep = cc.stats[:, cv2.CC_STAT_AREA] >= min_pixels
     if support is not None:
-        keep &= np.bincount(labels[support], minlength=n) > 0
+        keep &= np.bincount(cc.labels[cc.box][support[cc.box]], minlength=cc.count) > 0
     keep[0] = False
-    return keep[labels]
+    if keep[1:].all():  # the usual frame: nothing to remove
+        return mask.astype(bool, copy=False)
+    out = np.zeros(mask.shape, bool)
+    out[cc.box] = keep[cc.labels[cc.box]]
+    return out
 
 
 # ---- motion ------------------------------------------------------------------------------------

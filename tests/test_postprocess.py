@@ -1,6 +1,9 @@
 import numpy as np
 
-from syndiff_stream.postprocess import find_polyps
+import cv2
+import pytest
+
+from syndiff_stream.postprocess import components, find_polyps
 
 
 def test_one_record_per_component_largest_first():
@@ -38,3 +41,25 @@ def test_many_components_stay_cheap():
     mask = rng.random((300, 300)) > 0.7  # speckle, like an untrained model's output
     polyps = find_polyps(mask, mask.astype(np.float32))
     assert sum(p.area for p in polyps) == mask.sum() and all(len(p.contour) for p in polyps)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_components_in_the_bounding_box_equal_labelling_the_whole_frame(seed):
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((72, 90), bool)
+    if seed:  # seed 0: the empty mask
+        y, x = rng.integers(0, 60), rng.integers(0, 75)
+        mask[y:y + rng.integers(2, 12), x:x + rng.integers(2, 15)] = rng.random() > 0.3
+        mask |= rng.random(mask.shape) > 0.995
+    cc = components(mask)
+    n_ref, labels_ref, stats_ref, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    assert cc.count == n_ref and (cc.labels == labels_ref).all() and (cc.stats == stats_ref).all()
+    assert (cc.labels[cc.box] > 0).sum() == mask.sum()  # every component inside the box
+
+
+def test_outlines_are_at_frame_coordinates():
+    mask = np.zeros((60, 80), bool)
+    mask[40:50, 60:70] = True
+    (polyp,) = find_polyps(mask, mask.astype(np.float32))
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    assert (polyp.contour == contours[0].reshape(-1, 2)).all()
