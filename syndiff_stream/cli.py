@@ -164,6 +164,19 @@ def stats_line(stats) -> str:
             + (f"  source lost after {d['disconnected_s']:.0f} s disconnected" if d["source_lost"] else ""))
 
 
+def live_drops_explained(stats) -> str:
+    """Why live mode dropped frames, in the two words its stats use (docs/runtime.md, Modes)."""
+    d = stats.as_dict()
+    parts = []
+    if d["dropped_capacity"]:
+        parts.append(f"{d['dropped_capacity']} for capacity (frames came faster than the model, "
+                     f"{d['model_fps']:.1f} fps, took them)")
+    if d["dropped_late"]:
+        parts.append(f"{d['dropped_late']} late (older than the {d['latency_budget_ms']:.0f} ms budget when a core "
+                     "was free: the machine stalled; --latency-budget raises it)")
+    return "live mode dropped " + " and ".join(parts) + "; --mode recorded processes every frame"
+
+
 class StopOnSignal:
     """SIGINT and SIGTERM ask the running pipeline to stop cleanly (finish the frame in hand,
     flush and close every output) instead of dying mid-write; a second signal interrupts at once."""
@@ -322,8 +335,7 @@ def run(
                 stats = run_pipeline(pipeline, lambda st: live.update(stats_line(st)), stopper=stopper)
     console.print(stats_line(stats) + ("  (interrupted)" if stats.interrupted else ""), soft_wrap=True)
     if pipeline.mode.value == "live" and stats.dropped:
-        console.print(f"live mode drops by design: the newest frame wins when the model ({stats.as_dict()['model_fps']:.1f} "
-                      "fps) is slower than the source; --mode recorded processes every frame", soft_wrap=True)
+        console.print(live_drops_explained(stats), soft_wrap=True)
 
 
 @app.command()

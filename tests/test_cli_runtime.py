@@ -174,3 +174,13 @@ def test_a_text_file_named_mp4_is_one_clear_line(rt_tiny_model_dir, tmp_path):
     result = invoke("run", tmp_path / "fake.mp4", "--model", rt_tiny_model_dir, "--publish", "", "--backend", "eager")
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert "fake.mp4" in result.output and "Errno" not in result.output and "not a video" in result.output
+
+
+def test_live_drops_are_explained_by_their_cause():
+    from syndiff_stream.cli import live_drops_explained
+    from syndiff_stream.pipeline import Stats
+
+    stats = Stats(mode="live", dropped=4, dropped_late=1, dropped_capacity=3, latency_budget_s=0.12)
+    line = live_drops_explained(stats)
+    assert "3 for capacity" in line and "1 late" in line and "120 ms budget" in line
+    assert "late" not in live_drops_explained(Stats(mode="live", dropped=2, dropped_capacity=2))
