@@ -140,7 +140,7 @@ class VideoWorker:
     """One model replica in a Ray actor: whole videos through the local engine's chain."""
 
     def __init__(self, model: str | None, backend: str, device: str, threads: int,
-                 smoothing: SmoothingConfig | None, overlay: bool, board):
+                 smoothing: SmoothingConfig | None, overlay: bool):
         """`model`: a checkpoint folder this node sees, like the videos (None: the shipped model).
         Read from disk, not sent through the object store, so that a restarted actor never
         depends on an object that may have been lost with its node."""
@@ -149,7 +149,7 @@ class VideoWorker:
         from .backends import BackendError, make_backend, resolve_backend
         from .model import CheckpointError, Segmenter
 
-        self.smoothing, self.overlay, self.board = smoothing, overlay, board
+        self.smoothing, self.overlay = smoothing, overlay
         self.error = ""
         try:  # kept, not raised: `ready` turns it into the batch's one-line error
             seg = Segmenter.from_pretrained(model)
@@ -163,17 +163,18 @@ class VideoWorker:
         """(error, where): the first call on each actor, so a setup error stops the batch early."""
         return self.error, getattr(self, "where", "")
 
-    def process(self, path: str, final: str) -> Outcome:
+    def process(self, path: str, final: str, board) -> Outcome:
+        """One video into its folder; `board` (the ProgressBoard) hears its frame counts."""
         name = Path(final).name
 
         def started(pipeline, frames):
-            self.board.start.remote(name, frames)
+            board.start.remote(name, frames)
             _kill_once(pipeline)
 
         try:
             outcome = process_input(Path(path), Path(final), self.backend, self.smoothing, self.overlay,
                                     on_start=started,
-                                    on_progress=lambda stats: self.board.update.remote(name, stats.frames_out))
+                                    on_progress=lambda stats: board.update.remote(name, stats.frames_out))
         except OSError as exc:
             outcome = Outcome(name, path, "failed", error=f"{name}: cannot write output: {exc}")
         outcome.worker = self.where
@@ -237,9 +238,6 @@ def run_ray_batch(pairs: Sequence[tuple[Path, Path]], model: str | Path | None, 
     Raises BatchError when the cluster cannot be joined or a replica cannot be built there (a
     missing backend): that would fail every video alike. On Ctrl-C the actors are killed; their
     `.partial` folders are redone by the next run."""
-    ray = connect(opts)
-    from ray.exceptions import RayActorError, RayTaskError
-
     outcomes: dict[int, Outcome] = {}
 
     def settle(i: int, outcome: Outcome) -> None:
@@ -253,8 +251,10 @@ def run_ray_batch(pairs: Sequence[tuple[Path, Path]], model: str | Path | None, 
             settle(i, Outcome(final.name, str(path), "skipped", frames=recorded_frames(final)))
         else:
             todo.append(i)
-    if not todo:
+    if not todo:  # a rerun of a finished batch needs no cluster
         return [outcomes[i] for i in range(len(pairs))]
+    ray = connect(opts)
+    from ray.exceptions import RayActorError, RayTaskError
 
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
     worker_cls = ray.remote(VideoWorker).options(
@@ -267,7 +267,7 @@ def run_ray_batch(pairs: Sequence[tuple[Path, Path]], model: str | Path | None, 
     up = 0  # actors that answered ready()
 
     def new_actor():
-        actor = worker_cls.remote(model, backend, opts.device, threads, smoothing, overlay, board)
+        actor = worker_cls.remote(model, backend, opts.device, threads, smoothing, overlay)
         checks[actor.ready.remote()] = actor
         return actor
 
@@ -278,7 +278,7 @@ def run_ray_batch(pairs: Sequence[tuple[Path, Path]], model: str | Path | None, 
             while idle and todo:
                 actor, i = idle.pop(), todo.popleft()
                 path, final = (str(Path(p).resolve()) for p in pairs[i])  # the actors' working folder is not ours
-                running[actor.process.remote(path, final)] = (actor, i)
+                running[actor.process.remote(path, final, board)] = (actor, i)
             ready, _ = ray.wait([*checks, *running], num_returns=1, timeout=0.5)
             for ref in ready:
                 if ref in checks:

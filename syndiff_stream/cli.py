@@ -362,7 +362,7 @@ def batch(
         fail(f"--engine {engine!r}: choose local or ray")
     ray_opts = None
     if engine == "ray":
-        ray_opts = ray_options(address, actors, cpus_per_actor, gpus_per_actor, device)
+        ray_opts = ray_options(address, actors, cpus_per_actor, gpus_per_actor, device, backend)
     elif address is not None or actors is not None or cpus_per_actor != 1.0 or gpus_per_actor != 0.0:
         fail("--address, --actors, --cpus-per-actor and --gpus-per-actor need --engine ray")
     try:
@@ -433,10 +433,11 @@ def batch_local(pairs, engine, smoothing, overlay) -> list:
     return outcomes
 
 
-def ray_options(address, actors, cpus_per_actor, gpus_per_actor, device):
+def ray_options(address, actors, cpus_per_actor, gpus_per_actor, device, backend):
     """The Ray engine's options, checked before anything starts; each problem one line."""
     from pydantic import ValidationError
 
+    from .backends import BACKENDS
     from .batch import BatchError
     from .batch_ray import RayOptions, import_ray
     from .model import validation_message
@@ -447,6 +448,8 @@ def ray_options(address, actors, cpus_per_actor, gpus_per_actor, device):
         fail(str(exc))
     if device != "auto":
         fail(f"--device {device}: with --engine ray the device follows --gpus-per-actor (0: cpu, > 0: cuda)")
+    if backend != "auto" and backend not in BACKENDS:  # each actor builds its backend: name it wrong here, not there
+        fail(f"unknown backend {backend!r}: choose one of auto, {', '.join(BACKENDS)}")
     try:
         return RayOptions(address=address, actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
     except ValidationError as exc:
@@ -505,7 +508,8 @@ def worker_lines(outcomes) -> list[str]:
     for worker, done in sorted(by_worker.items()):
         frames, seconds = sum(o.frames for o in done), sum(o.seconds for o in done)
         lines.append(f"  {worker}: {len(done)} videos, {frames} frames, {frames / max(seconds, 1e-9):.1f} fps "
-                     f"(decode {rate(done, 'decode_fps'):.0f} fps, model {rate(done, 'model_fps'):.1f} fps)")
+                     f"(decode {rate(done, 'decode_fps'):.0f} fps, model {rate(done, 'model_fps'):.1f} fps; "
+                     f"CPU {1000 * sum(o.cpu_s for o in done) / max(frames, 1):.0f} ms per frame)")
     return lines
 
 

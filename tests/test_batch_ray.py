@@ -1,6 +1,7 @@
 """`batch --engine ray` on a local Ray cluster started here (2 CPUs): the local engine's folders,
 every video exactly once through a worker crash, a corrupt video reported while the others finish."""
 
+import importlib.util
 import json
 import os
 import sys
@@ -106,6 +107,16 @@ def test_a_corrupt_video_is_reported_and_the_others_finish(ray_cluster, clips, r
     assert_each_video_once(tmp_path / "out", {"a": 8, "b": 10})
 
 
+def test_a_replica_that_cannot_be_built_stops_the_batch_in_one_line(ray_cluster, clips, rt_tiny_model_dir, tmp_path):
+    pytest.importorskip("ray")
+    if importlib.util.find_spec("torch_tensorrt"):
+        pytest.skip("TensorRT is installed here: the replica would build")
+    result = invoke("batch", *clips, "--out", tmp_path / "out", "--model", rt_tiny_model_dir, "--backend", "tensorrt",
+                    "--engine", "ray", "--actors", 1)
+    assert result.exit_code == 2 and "error: a Ray worker cannot run the model:" in result.output, result.output
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_an_address_where_no_head_answers_is_one_line(tmp_path):
     pytest.importorskip("ray")
     import socket
@@ -135,6 +146,7 @@ def test_without_ray_the_error_says_how_to_install_it(monkeypatch, tmp_path):
     (["--engine", "ray", "--address", "not an address"], "--address: choose auto, HOST:PORT or ray://HOST:PORT"),
     (["--engine", "ray", "--gpus-per-actor", -1], "--gpus-per-actor"),
     (["--engine", "ray", "--device", "cuda"], "the device follows --gpus-per-actor"),
+    (["--engine", "ray", "--backend", "nope"], "unknown backend 'nope'"),
 ])
 def test_bad_engine_options_are_one_line(args, says, tmp_path):
     result = invoke("batch", tmp_path / "x.mp4", "--out", tmp_path / "out", *args)

@@ -408,6 +408,9 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
 def _prepare(recipe: Recipe, opts: RunOptions, out: Path, world: World):
     """(train, val, select, sources) of a new or resumed run; a new run's records are written here,
     before training, so a crashed run still says what it was."""
+    if not world.is_main and not (out / RECIPE_NAME).is_file():
+        raise RecipeError(f"--out {out}: process {world.rank} does not see the main process's run folder; "
+                          "on several nodes it must be on storage every node shares")
     if (out / RECIPE_NAME).is_file():  # an existing run: only the same recipe may continue it
         recorded = load_recipe(out / RECIPE_NAME)
         changed = recipe_diff(recorded, recipe)
