@@ -146,6 +146,8 @@ class VideoWorker:
         depends on an object that may have been lost with its node."""
         import socket
 
+        import ray
+
         from .backends import BackendError, make_backend, resolve_backend
         from .model import CheckpointError, Segmenter
 
@@ -154,14 +156,14 @@ class VideoWorker:
         try:  # kept, not raised: `ready` turns it into the batch's one-line error
             seg = Segmenter.from_pretrained(model)
             self.backend = make_backend(resolve_backend(backend, device), seg, device, threads=threads)
-            actor = ray_actor_id()[:8]
+            actor = ray.get_runtime_context().get_actor_id()[:8]
             self.where = f"actor {actor}: {self.backend.name} on {device} at {socket.gethostname()}"
         except (BackendError, CheckpointError) as exc:
             self.error = str(exc)
 
-    def ready(self) -> tuple[str, str]:
-        """(error, where): the first call on each actor, so a setup error stops the batch early."""
-        return self.error, getattr(self, "where", "")
+    def ready(self) -> str:
+        """The setup error, if any: the first call on each actor, so that it stops the batch early."""
+        return self.error
 
     def process(self, path: str, final: str, board) -> Outcome:
         """One video into its folder; `board` (the ProgressBoard) hears its frame counts."""
@@ -179,12 +181,6 @@ class VideoWorker:
             outcome = Outcome(name, path, "failed", error=f"{name}: cannot write output: {exc}")
         outcome.worker = self.where
         return outcome
-
-
-def ray_actor_id() -> str:
-    import ray
-
-    return ray.get_runtime_context().get_actor_id() or "driver"
 
 
 class _Exit:
@@ -284,7 +280,7 @@ def run_ray_batch(pairs: Sequence[tuple[Path, Path]], model: str | Path | None, 
                 if ref in checks:
                     checks.pop(ref)
                     try:
-                        error, _ = ray.get(ref)
+                        error = ray.get(ref)
                     except RayActorError:
                         continue  # died while starting: its process() call reports it
                     if error:
