@@ -338,50 +338,88 @@ def run(
         console.print(live_drops_explained(stats), soft_wrap=True)
 
 
+ENGINE_RAY_HELP = "local (this machine, one input at a time) | ray (a Ray cluster: docs/scale-out.md)"
+
+
 @app.command()
 def batch(
     inputs: List[Path] = typer.Argument(..., help="recorded procedures: video files or image folders"),
     out: Path = typer.Option(..., help="one output folder per input is created here"),
     model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
-    device: str = typer.Option("auto", help="cpu | cuda | auto"),
+    device: str = typer.Option("auto", help="cpu | cuda | auto (local engine; on Ray it follows --gpus-per-actor)"),
     overlay: bool = typer.Option(True, help="write overlay.mp4 per input"),
     smooth: bool = typer.Option(True, help="temporal smoothing (EMA warped along the optical flow, minimum area)"),
+    engine: str = typer.Option("local", help=ENGINE_RAY_HELP),
+    address: Optional[str] = typer.Option(None, help="ray: auto (this node's cluster), HOST:PORT or ray://HOST:PORT; "
+                                          "default: $RAY_ADDRESS, else a new local cluster"),
+    actors: Optional[int] = typer.Option(None, help="ray: model replicas (default: as many as the cluster's CPUs or GPUs hold)"),
+    cpus_per_actor: float = typer.Option(1.0, help="ray: CPUs per replica (its inference threads)"),
+    gpus_per_actor: float = typer.Option(0.0, help="ray: GPU per replica, e.g. 0.25 (0: CPU replicas with ONNX Runtime)"),
 ):
     """Process recorded procedures losslessly, one output folder per input; resumable.
 
     Writes <out>/<name>/ with overlay.mp4, masks/, frames.jsonl and summary.json. Finished inputs
     (marked .done) are skipped on a rerun; a folder appears under its final name only when complete.
     An unreadable input is reported and skipped (exit 2 at the end); SIGINT/SIGTERM stop cleanly
-    (exit 130/143) and a rerun resumes with the unfinished input.
+    (exit 130/143) and a rerun resumes with the unfinished input. `--engine ray` spreads the inputs
+    over a Ray cluster, one whole video per task, with the same folders.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    import time
 
-    from .batch import BatchError, is_done, plan, process_recording
-    from .sources import SourceError
+    from .batch import BatchError, failure_message, plan, summary_line
     from .stages import default_smoothing
 
+    if engine not in ("local", "ray"):
+        fail(f"--engine {engine!r}: choose local or ray")
+    ray_opts = None
+    if engine == "ray":
+        ray_opts = ray_options(address, actors, cpus_per_actor, gpus_per_actor, device, backend)
+    elif address is not None or actors is not None or cpus_per_actor != 1.0 or gpus_per_actor != 0.0:
+        fail("--address, --actors, --cpus-per-actor and --gpus-per-actor need --engine ray")
     try:
         pairs = plan(inputs, out)
     except BatchError as exc:
         fail(str(exc))
-    dev = pick_device(device)
+    dev = pick_device(device) if ray_opts is None else None
     seg = load_model(model)
-    engine = build_backend(seg, backend, dev)
+    smoothing = default_smoothing(smooth, seg.config.threshold)
+    local_backend = build_backend(seg, backend, dev) if ray_opts is None else None  # on Ray: built in each actor
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         fail(f"--out {out}: {exc}")
-    failed = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  TextColumn("{task.fields[status]}")) as progress, \
-            StopOnSignal() as stopper:
+    t0 = time.perf_counter()
+    if ray_opts is None:
+        outcomes = batch_local(pairs, local_backend, smoothing, overlay)
+    else:
+        outcomes = batch_ray(pairs, model, ray_opts, backend, smoothing, overlay)
+    typer.echo(summary_line(outcomes, time.perf_counter() - t0))
+    if ray_opts is not None:
+        for line in worker_lines(outcomes):
+            typer.echo(line)
+    message = failure_message(outcomes, len(inputs))
+    if message:
+        fail(message)
+
+
+def batch_progress():
+    """The bars both engines draw: name, bar, n of total, time left, status."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    TextColumn("{task.fields[status]}"))
+
+
+def batch_local(pairs, engine, smoothing, overlay) -> list:
+    """The local engine: one input after another on this machine, a progress row each."""
+    from .batch import process_input
+
+    outcomes = []
+    with batch_progress() as progress, StopOnSignal() as stopper:
         for path, final in pairs:
             if stopper.signum:  # a signal between two inputs
                 raise typer.Exit(stopper.exit_code)
-            if is_done(final):
-                progress.add_task(final.name, total=1, completed=1, status="done earlier, skipped")
-                continue
             task = progress.add_task(final.name, total=None, status="")
 
             def started(pipeline, frames, task=task):
@@ -389,22 +427,102 @@ def batch(
                 progress.update(task, total=frames or None)
 
             try:  # a missing or broken recording is reported and the batch goes on with the others
-                stats = process_recording(path, final, engine, default_smoothing(smooth, seg.config.threshold),
-                                          overlay, on_start=started,
-                                          on_progress=lambda st, task=task: progress.update(task, completed=st.frames_out))
-            except SourceError as exc:
-                progress.update(task, status="failed, skipped")
-                failed.append(str(exc))
-                continue
+                outcome = process_input(path, final, engine, smoothing, overlay, on_start=started,
+                                        on_progress=lambda st, task=task: progress.update(task, completed=st.frames_out))
             except OSError as exc:
                 fail(f"cannot write output: {exc}")
-            if stats.interrupted:
+            outcomes.append(outcome)
+            if outcome.status == "skipped":
+                progress.update(task, total=1, completed=1, status="done earlier, skipped")
+            elif outcome.status == "failed":
+                progress.update(task, status="failed, skipped")
+            elif outcome.status == "interrupted":
                 progress.update(task, status="interrupted: rerun to resume")
                 raise typer.Exit(stopper.exit_code)
-            progress.update(task, total=stats.frames_out, completed=stats.frames_out,
-                            status=f"{stats.as_dict()['e2e_fps']:.1f} fps -> {final}")
-    if failed:
-        fail(f"{len(failed)} of {len(inputs)} inputs could not be read and were skipped: " + "; ".join(failed))
+            else:
+                progress.update(task, total=outcome.frames, completed=outcome.frames,
+                                status=f"{outcome.stats['e2e_fps']:.1f} fps -> {final}")
+    return outcomes
+
+
+def ray_options(address, actors, cpus_per_actor, gpus_per_actor, device, backend):
+    """The Ray engine's options, checked before anything starts; each problem one line."""
+    from pydantic import ValidationError
+
+    from .backends import BACKENDS
+    from .batch import BatchError
+    from .batch_ray import RayOptions, import_ray
+    from .model import validation_message
+
+    try:
+        import_ray()
+    except BatchError as exc:
+        fail(str(exc))
+    if device != "auto":
+        fail(f"--device {device}: with --engine ray the device follows --gpus-per-actor (0: cpu, > 0: cuda)")
+    if backend != "auto" and backend not in BACKENDS:  # each actor builds its backend: name it wrong here, not there
+        fail(f"unknown backend {backend!r}: choose one of auto, {', '.join(BACKENDS)}")
+    try:
+        return RayOptions(address=address, actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
+    except ValidationError as exc:
+        fail("--" + validation_message(exc).replace("_", "-"))
+
+
+def batch_ray(pairs, model, opts, backend, smoothing, overlay) -> list:
+    """The Ray engine: bars over videos and frames, a line per failed video as it happens."""
+    import time
+
+    from .batch import BatchError
+    from .batch_ray import run_ray_batch
+
+    t0, first_ready = time.perf_counter(), []
+    with batch_progress() as progress:
+        videos = progress.add_task("videos", total=len(pairs), status="")
+        frames = progress.add_task("frames", total=None, status="")
+
+        def show(p):
+            if p.actors_ready and not first_ready:
+                first_ready.append(time.perf_counter() - t0)
+            progress.update(videos, completed=p.videos_done, status=f"{p.actors_ready}/{p.actors} actors ready")
+            progress.update(frames, completed=p.frames_done, total=p.frames_known or None)
+
+        def settled(outcome):
+            if outcome.status == "failed":
+                progress.console.print(f"[yellow]{outcome.error}[/yellow]", soft_wrap=True, markup=True, highlight=False)
+
+        try:
+            outcomes = run_ray_batch(pairs, model, opts, backend, smoothing, overlay, on_progress=show, on_outcome=settled)
+        except BatchError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            typer.secho("interrupted: the actors were stopped; rerun to resume (finished videos are kept)",
+                        err=True, fg=typer.colors.YELLOW)
+            raise typer.Exit(130)
+        progress.update(videos, completed=len(pairs))
+        progress.update(frames, completed=sum(o.frames for o in outcomes if o.status == "done"),
+                        total=sum(o.frames for o in outcomes if o.status == "done") or None)
+    if first_ready:
+        typer.echo(f"cluster joined and a first model replica ready after {first_ready[0]:.1f} s")
+    return outcomes
+
+
+def worker_lines(outcomes) -> list[str]:
+    """Per Ray actor: videos, frames, fps over its busy time, and the decode and model rates that bound it."""
+    def rate(done, key):  # frames over the seconds the stage took, summed over the actor's videos
+        seconds = sum(o.stats["frames"] / o.stats[key] for o in done if o.stats[key])
+        return sum(o.stats["frames"] for o in done) / seconds if seconds else 0.0
+
+    by_worker: dict = {}
+    for o in outcomes:
+        if o.status == "done":
+            by_worker.setdefault(o.worker, []).append(o)
+    lines = []
+    for worker, done in sorted(by_worker.items()):
+        frames, seconds = sum(o.frames for o in done), sum(o.seconds for o in done)
+        lines.append(f"  {worker}: {len(done)} videos, {frames} frames, {frames / max(seconds, 1e-9):.1f} fps "
+                     f"(decode {rate(done, 'decode_fps'):.0f} fps, model {rate(done, 'model_fps'):.1f} fps; "
+                     f"CPU {1000 * sum(o.cpu_s for o in done) / max(frames, 1):.0f} ms per frame)")
+    return lines
 
 
 @app.command()

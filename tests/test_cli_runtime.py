@@ -146,7 +146,7 @@ def test_batch_skips_a_missing_input_and_does_the_others(rt_tiny_model_dir, tmp_
     (tmp_path / "text.mp4").write_text("not a video")
     result = invoke("batch", tmp_path / "gone.mp4", tmp_path / "text.mp4", tmp_path / "a.mp4", "--out",
                     tmp_path / "out", "--model", rt_tiny_model_dir, "--backend", "eager")
-    assert result.exit_code == 2 and "2 of 3 inputs could not be read" in result.output
+    assert result.exit_code == 2 and "2 of 3 inputs failed and were skipped" in result.output
     assert "gone.mp4" in result.output and "text.mp4" in result.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a"] and (tmp_path / "out" / "a" / ".done").is_file()
 

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from syndiff_stream.datasets import DatasetError
 from syndiff_trainer.data import (ArrayDataset, BatchSampler, apply_split, build_augmenter, group_kfold,
@@ -89,6 +90,16 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     assert x1.min() >= -1 and x1.max() <= 1 and set(y1.unique().tolist()) <= {0.0, 1.0}
     assert (x1 == x2).all() and (y1 == y2).all()
     assert not (BatchSampler(ds, 4, seed=3, augment=aug).batch(8)[0] == x1).all()
+
+
+def test_the_shares_of_a_global_batch_make_up_the_batch_one_process_draws():
+    ds, aug = two_sources(), build_augmenter("scope")
+    whole_x, whole_y = BatchSampler(ds, 6, seed=3, augment=aug).batch(7)
+    shares = [BatchSampler(ds, 6, seed=3, augment=aug).batch(7, slice(i, i + 2)) for i in (4, 0, 2)]  # any order
+    x = {4: shares[0][0], 0: shares[1][0], 2: shares[2][0]}
+    assert all(v.shape == (2, 3, 32, 32) for v in x.values())
+    assert (torch.cat([x[0], x[2], x[4]]) == whole_x).all()
+    assert (torch.cat([shares[1][1], shares[2][1], shares[0][1]]) == whole_y).all()
 
 
 def test_source_weights_set_how_often_each_source_is_drawn():

@@ -58,16 +58,29 @@ def fit(
     threads: Optional[int] = typer.Option(None, metavar="N", help="CPU threads for torch (recorded: float sums depend on it)"),
     stop_at: Optional[int] = typer.Option(None, metavar="N", help="stop after this stage-2 step; run again to resume"),
     progress: bool = typer.Option(True, help="show progress bars"),
+    grad_accum: int = typer.Option(1, metavar="N", help="micro-batches per step and process (the recipe's batch_size "
+                                   "stays the global batch)"),
+    precision: str = typer.Option("auto", metavar="P", help="auto (bf16 autocast on GPU, float32 on CPU), bf16 or no"),
 ):
     """Train a recipe (stage 1 mask autoencoder, stage 2 encoder + U-Net); resumes if OUT has state.
 
-    The shipped default recipe on 2 CPU cores takes about 1 h (see README)."""
+    The shipped default recipe on 2 CPU cores takes about 1 h (see README). Under `accelerate
+    launch` it trains data-parallel on every process the launcher starts (docs/scale-out.md)."""
+    from pydantic import ValidationError
+
+    from syndiff_stream.model import validation_message
+
     from .train import RunOptions, fit as run_fit
 
     cfg = _recipe(recipe, set_)
-    result = _run(run_fit, cfg, RunOptions(out=str(out), device=device, threads=threads, stop_at=stop_at,
-                                           progress=progress))
-    typer.echo(json.dumps(result))
+    try:
+        opts = RunOptions(out=str(out), device=device, threads=threads, stop_at=stop_at, progress=progress,
+                          grad_accum=grad_accum, precision=precision)
+    except ValidationError as exc:
+        _fail(ValueError("--" + validation_message(exc).replace("_", "-")))
+    result = _run(run_fit, cfg, opts)
+    if result is not None:  # the main process's answer; the others of a launched run say nothing
+        typer.echo(json.dumps(result))
 
 
 @app.command()

@@ -418,14 +418,17 @@ class BatchSampler:
         rng = np.random.default_rng(sample_seed(self.seed, step))
         return rng.choice(len(self.ds), size=self.batch_size, p=self.p)
 
-    def batch(self, step: int):
+    def batch(self, step: int, slots: slice = slice(None)):
+        """Batch `step`, or only its `slots` (one process's share of a global batch): sample i of
+        the batch is the same whichever process draws it."""
         import torch
 
-        idx = self.indices(step)
+        first = slots.indices(self.batch_size)[0]
+        idx = self.indices(step)[slots]
         images, masks = self.ds.images[idx], self.ds.masks[idx].astype(np.uint8)
         if self.augment is not None:
             out_i, out_m = [], []
-            for slot, (image, mask) in enumerate(zip(images, masks)):
+            for slot, (image, mask) in enumerate(zip(images, masks), start=first):
                 self.augment.set_random_seed(sample_seed(self.seed, step, slot))
                 res = self.augment(image=image, mask=mask)
                 out_i.append(res["image"])

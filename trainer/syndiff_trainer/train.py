@@ -18,7 +18,8 @@ A run folder says how it was made:
   best/           only with a `select` split: best EMA checkpoint on `select`
   model/          the result: last/ (or best/ on select), with the records above copied in
 Batches, augmentation and noise are pure functions of (seed, step), so an interrupted run that
-resumes gives the same weights as one that was not interrupted.
+resumes gives the same weights as one that was not interrupted, and several processes under
+`accelerate launch` (world.py) each draw their own slots of the same global batch.
 """
 
 from __future__ import annotations
@@ -33,18 +34,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
 from syndiff_stream.atomic import atomic_path, write_text
-from syndiff_stream.backends import pick_device
 from syndiff_stream.metrics import dice
 from syndiff_stream.model import CheckpointError, Segmenter, SegmenterConfig, init_from_sd_vae, soft_dice
 
@@ -52,6 +53,7 @@ from .data import (ArrayDataset, BatchSampler, apply_split, build_augmenter, gro
                    load_sources, manifest_mismatch, sample_seed, small_polyp_weights)
 from .evaluate import predict_masks
 from .recipe import RECIPE_NAME, Recipe, RecipeError, load_recipe, recipe_diff
+from .world import World
 
 RECORDS = (RECIPE_NAME, "manifest.json", "split.json", "run.json", "log.jsonl")
 LIBRARIES = ("torch", "diffusers", "numpy", "albumentations", "opencv-python-headless", "safetensors",
@@ -59,7 +61,8 @@ LIBRARIES = ("torch", "diffusers", "numpy", "albumentations", "opencv-python-hea
 
 
 class RunOptions(BaseModel):
-    """How to run a recipe; none of these change the weights except `threads` (float sums)."""
+    """How to run a recipe; none of these change the weights except in the last bits (float sums:
+    `threads`, `grad_accum`, the number of processes) and `precision`. All are in run.json."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -69,6 +72,30 @@ class RunOptions(BaseModel):
     progress: bool = True
     cache_dir: str | None = None
     stop_at: int | None = None  # stop stage 2 after this step (reproduce's spot check); resumable
+    # micro-batches per step and process: the recipe's batch_size stays the global batch
+    grad_accum: int = Field(1, ge=1)
+    precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision of stage 2's forward pass: bf16 (no loss scaling needed) or none."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+class TrainStep(torch.nn.Module):
+    """Stage 2's loss as a module: DDP hooks a module's forward to average gradients across processes.
+    `t` and `noise` are this micro-batch's slots of the global batch's draws."""
+
+    def __init__(self, model: Segmenter):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image, mask, t, noise) -> dict:
+        with torch.no_grad():
+            z0 = self.model.encode_mask(mask)
+        return self.model.training_losses(image, mask, z0=z0, t=t, noise=noise.to(z0))
 
 
 def _progress(enabled: bool) -> Progress:
@@ -240,21 +267,159 @@ def _build_model(recipe: Recipe, device) -> tuple[Segmenter, bool]:
 
 # ---- stage 2 ---------------------------------------------------------------------------------
 
-def fit(recipe: Recipe, opts: RunOptions) -> dict:
-    """Train (or resume) a recipe into `opts.out`; returns where the model is and its scores."""
+def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
+    """Train (or resume) a recipe into `opts.out`; returns where the model is and its scores (on
+    the main process; None on the others under `accelerate launch`)."""
     out = Path(opts.out)
     _check_inputs(recipe)
+    world = World.start(opts.device)
+    mine, micro = world.micro_batches(recipe.batch_size, opts.grad_accum)
+    device = world.device
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    with world.main_first():  # the main process reads the data and writes the records; the others then read them
+        train, val, select, sources = _prepare(recipe, opts, out, world)
+    log_file = (out / "log.jsonl").open("a") if world.is_main else None
+    started = time.time()
+
+    def log(row: dict) -> None:
+        if log_file:
+            log_file.write(json.dumps({"wall_s": round(time.time() - started, 1), **row}) + "\n")
+            log_file.flush()
+
+    say = print if world.is_main else (lambda *a: None)
+    progress = opts.progress and world.is_main
+    say(f"data: {len(train)} train, {len(select)} select, {len(val)} validation images "
+        f"({', '.join(s.name for s in recipe.data)}); threads {torch.get_num_threads()}"
+        + (f"; global batch {recipe.batch_size} = {world.size} processes x {len(micro)} micro-batches x "
+           f"{micro[0].stop - micro[0].start}" if len(micro) > 1 or world.size > 1 else ""))
+
+    state_dir = out / "state"
+    resuming = (state_dir / "state.json").is_file()
+    if resuming:
+        meta = json.loads((state_dir / "state.json").read_text())
+        model = Segmenter(SegmenterConfig.from_dict(meta["model_config"])).to(device)
+    elif (out / "mask_ae" / "config.json").is_file():  # interrupted between stage 1 and stage 2
+        model = Segmenter.from_pretrained(out / "mask_ae").to(device)
+    else:
+        model, needs_stage1 = _build_model(recipe, device)
+        if needs_stage1:  # small: the main process trains it, the others load its result
+            if world.is_main:
+                rec = train_mask_autoencoder(model, train, select if len(select) else train.subset(range(min(64, len(train)))),
+                                             recipe, device, log, progress)
+                model.save_pretrained(out / "mask_ae", extra={"stage": 1, "recon_dice": rec})
+                say(f"stage 1: mask autoencoder reconstruction Dice {rec:.4f}")
+            world.barrier()
+            if not world.is_main:
+                model = Segmenter.from_pretrained(out / "mask_ae").to(device)
+
+    model.mask_vae.eval().requires_grad_(False)
+    if recipe.model.freeze_encoder:
+        model.vision_encoder.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(recipe.seed)
+    opt = torch.optim.AdamW(params, lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay,
+                            betas=recipe.optim.betas)
+    ema = EMAModel(params, decay=recipe.ema.decay)
+    step, best = 0, -1.0
+    if resuming:
+        meta = _load_state(state_dir, model, ema, opt)
+        step, best = meta["step"], meta["best"]
+        say(f"resuming at step {step}")
+    make_sched = get_cosine_schedule_with_warmup if recipe.optim.schedule == "cosine" else get_constant_schedule_with_warmup
+    sched_args = (recipe.optim.warmup_steps, recipe.steps) if recipe.optim.schedule == "cosine" else (recipe.optim.warmup_steps,)
+    sched = make_sched(opt, *sched_args, last_epoch=step - 1)
+
+    def ema_model() -> Segmenter:
+        m = copy.deepcopy(model)
+        ema.copy_to([p for p in m.parameters() if p.requires_grad])
+        return m.eval()
+
+    sampler = BatchSampler(train, recipe.batch_size, recipe.seed, build_augmenter(recipe.augment.preset),
+                           sources.weights, image_weights=small_polyp_weights(train, recipe.sampling))
+    net = world.wrap(TrainStep(model))
+    amp = autocast(device, opts.precision)
+    latent = tuple(model.inference_noise.shape[1:])
+    stop = min(recipe.steps, opts.stop_at or recipe.steps)
+    t_steps, n_steps = 0.0, 0
+    with _progress(progress) as bar, ThreadPoolExecutor(1) as loader:
+        task = bar.add_task("stage 2: segmenter", total=recipe.steps, completed=step, info="")
+        pending = loader.submit(sampler.batch, step, mine) if step < stop else None
+        while step < stop:
+            t0 = time.time()
+            image, mask = pending.result()  # this process's slots of the global batch
+            pending = loader.submit(sampler.batch, step + 1, mine) if step + 1 < stop else None  # prepared while this step runs
+            image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            model.train()
+            model.mask_vae.eval()
+            # Timesteps and noise of the whole global batch, in the order one process draws them;
+            # each micro-batch takes its own slots.
+            gen = torch.Generator().manual_seed(sample_seed(recipe.seed, 2, step))
+            t_all = model.sample_timesteps(recipe.batch_size, gen)[mine]
+            noise_all = torch.randn((recipe.batch_size, *latent), generator=gen)[mine]
+            opt.zero_grad(set_to_none=True)
+            parts = []
+            for k, part in enumerate(micro):
+                with world.no_sync(net, skip=k < len(micro) - 1):
+                    with amp:
+                        losses = net(image[part], mask[part], t_all[part], noise_all[part])
+                    (losses["loss"] / len(micro) if len(micro) > 1 else losses["loss"]).backward()
+                parts.append(losses)
+            losses = world.mean({k: sum(p[k].detach() for p in parts) / len(parts) for k in parts[0]})
+            torch.nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip)
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            ema.step(params)
+            step += 1
+            t_steps, n_steps = t_steps + time.time() - t0, n_steps + 1
+            info = f"loss {losses['loss'].item():.4f}"
+            row = None
+            if step % recipe.log_every == 0:
+                row = {"stage": 2, "step": step, "lr": lr, **{k: round(v.item(), 6) for k, v in losses.items()},
+                       "sec_per_step": round(t_steps / max(1, n_steps), 4)}
+            if world.is_main and (step % recipe.val_every == 0 or step == recipe.steps):
+                scored = ema_model()
+                metrics = {**validation_metrics(scored, val, "val"), **validation_metrics(scored, select, "select")}
+                digest = weights_digest(scored)
+                row = {**(row or {"stage": 2, "step": step, "lr": lr,
+                                  **{k: round(v.item(), 6) for k, v in losses.items()}}),
+                       **{k: round(v, 5) for k, v in metrics.items()}, "ema_sha256": digest}
+                extra = {"step": step, "ema_sha256": digest, **{k: round(v, 5) for k, v in metrics.items()}}
+                if "select_dice" in metrics and metrics["select_dice"] > best:
+                    best = metrics["select_dice"]
+                    scored.save_pretrained(out / "best", extra=extra)
+                scored.save_pretrained(out / "last", extra=extra)
+                _save_state(state_dir, model, ema, opt, step, best)
+                info += f" val dice {metrics.get('val_dice', float('nan')):.4f}"
+            if row:
+                log(row)
+            bar.update(task, completed=step, info=info)
+    if log_file:
+        log_file.close()
+    world.barrier()  # every process done, the main one's last checkpoint written
+    if not world.is_main:
+        return None
+    if step < recipe.steps:
+        return {"stopped_at": step, "out": str(out), "last": str(out / "last")}
+    return finish(out, recipe)
+
+
+def _prepare(recipe: Recipe, opts: RunOptions, out: Path, world: World):
+    """(train, val, select, sources) of a new or resumed run; a new run's records are written here,
+    before training, so a crashed run still says what it was."""
+    if not world.is_main and not (out / RECIPE_NAME).is_file():
+        raise RecipeError(f"--out {out}: process {world.rank} does not see the main process's run folder; "
+                          "on several nodes it must be on storage every node shares")
     if (out / RECIPE_NAME).is_file():  # an existing run: only the same recipe may continue it
         recorded = load_recipe(out / RECIPE_NAME)
         changed = recipe_diff(recorded, recipe)
         if changed:
             raise RecipeError(f"{out} holds a run of another recipe (differs in {', '.join(changed[:5])}); "
                               "resume it with its own recipe or choose a new --out")
-    device = torch.device(pick_device(opts.device))
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     cache = {"cache_dir": Path(opts.cache_dir)} if opts.cache_dir else {}
-    sources = load_sources(recipe.data, recipe.image_size, recipe.split.phash_threshold, progress=opts.progress, **cache)
+    sources = load_sources(recipe.data, recipe.image_size, recipe.split.phash_threshold,
+                           progress=opts.progress and world.is_main, **cache)
     ds = sources.ds
     if (out / "manifest.json").is_file():
         why = manifest_mismatch(json.loads((out / "manifest.json").read_text()), sources.manifest)
@@ -273,117 +438,17 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict:
         count = synthetic_count(recipe.synthetic.count, recipe.synthetic.ratio, len(train))
         train = train.concat(load_synthetic(recipe.synthetic.path, count, recipe.image_size, recipe.seed,
                                             exclude=held_out).prefixed("synthetic"))
-
-    # ---- records: written once, before training, so a crashed run still says what it was
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / RECIPE_NAME).is_file():
+    if world.is_main and not (out / RECIPE_NAME).is_file():
+        out.mkdir(parents=True, exist_ok=True)
         write_text(out / "manifest.json", json.dumps(sources.manifest, indent=1))
         write_text(out / "split.json", json.dumps(split, indent=1))
         write_text(out / "run.json", json.dumps({
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv,
-            "threads": torch.get_num_threads(), "device": str(device), "libraries": library_versions(),
+            "threads": torch.get_num_threads(), "device": str(world.device), "processes": world.size,
+            "grad_accum": opts.grad_accum, "precision": opts.precision, "libraries": library_versions(),
             "data": {"train": len(train), "select": len(select), "val": len(val)}}, indent=1))
         write_text(out / RECIPE_NAME, recipe.to_toml())
-    log_file = (out / "log.jsonl").open("a")
-    started = time.time()
-
-    def log(row: dict) -> None:
-        log_file.write(json.dumps({"wall_s": round(time.time() - started, 1), **row}) + "\n")
-        log_file.flush()
-
-    print(f"data: {len(train)} train, {len(select)} select, {len(val)} validation images "
-          f"({', '.join(s.name for s in recipe.data)}); threads {torch.get_num_threads()}")
-
-    state_dir = out / "state"
-    resuming = (state_dir / "state.json").is_file()
-    if resuming:
-        meta = json.loads((state_dir / "state.json").read_text())
-        model = Segmenter(SegmenterConfig.from_dict(meta["model_config"])).to(device)
-    elif (out / "mask_ae" / "config.json").is_file():  # interrupted between stage 1 and stage 2
-        model = Segmenter.from_pretrained(out / "mask_ae").to(device)
-    else:
-        model, needs_stage1 = _build_model(recipe, device)
-        if needs_stage1:
-            rec = train_mask_autoencoder(model, train, select if len(select) else train.subset(range(min(64, len(train)))),
-                                         recipe, device, log, opts.progress)
-            model.save_pretrained(out / "mask_ae", extra={"stage": 1, "recon_dice": rec})
-            print(f"stage 1: mask autoencoder reconstruction Dice {rec:.4f}")
-
-    model.mask_vae.eval().requires_grad_(False)
-    if recipe.model.freeze_encoder:
-        model.vision_encoder.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    torch.manual_seed(recipe.seed)
-    opt = torch.optim.AdamW(params, lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay,
-                            betas=recipe.optim.betas)
-    ema = EMAModel(params, decay=recipe.ema.decay)
-    step, best = 0, -1.0
-    if resuming:
-        meta = _load_state(state_dir, model, ema, opt)
-        step, best = meta["step"], meta["best"]
-        print(f"resuming at step {step}")
-    make_sched = get_cosine_schedule_with_warmup if recipe.optim.schedule == "cosine" else get_constant_schedule_with_warmup
-    sched_args = (recipe.optim.warmup_steps, recipe.steps) if recipe.optim.schedule == "cosine" else (recipe.optim.warmup_steps,)
-    sched = make_sched(opt, *sched_args, last_epoch=step - 1)
-
-    def ema_model() -> Segmenter:
-        m = copy.deepcopy(model)
-        ema.copy_to([p for p in m.parameters() if p.requires_grad])
-        return m.eval()
-
-    sampler = BatchSampler(train, recipe.batch_size, recipe.seed, build_augmenter(recipe.augment.preset),
-                           sources.weights, image_weights=small_polyp_weights(train, recipe.sampling))
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    stop = min(recipe.steps, opts.stop_at or recipe.steps)
-    t_steps, n_steps = 0.0, 0
-    with _progress(opts.progress) as bar, ThreadPoolExecutor(1) as loader:
-        task = bar.add_task("stage 2: segmenter", total=recipe.steps, completed=step, info="")
-        pending = loader.submit(sampler.batch, step) if step < stop else None
-        while step < stop:
-            t0 = time.time()
-            image, mask = pending.result()
-            pending = loader.submit(sampler.batch, step + 1) if step + 1 < stop else None  # prepared while this step runs
-            image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            model.train()
-            model.mask_vae.eval()
-            gen = torch.Generator().manual_seed(sample_seed(recipe.seed, 2, step))
-            with amp:
-                losses = model.training_losses(image, mask, generator=gen)
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip)
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            ema.step(params)
-            step += 1
-            t_steps, n_steps = t_steps + time.time() - t0, n_steps + 1
-            info = f"loss {losses['loss'].item():.4f}"
-            row = None
-            if step % recipe.log_every == 0:
-                row = {"stage": 2, "step": step, "lr": lr, **{k: round(v.item(), 6) for k, v in losses.items()},
-                       "sec_per_step": round(t_steps / max(1, n_steps), 4)}
-            if step % recipe.val_every == 0 or step == recipe.steps:
-                scored = ema_model()
-                metrics = {**validation_metrics(scored, val, "val"), **validation_metrics(scored, select, "select")}
-                digest = weights_digest(scored)
-                row = {**(row or {"stage": 2, "step": step, "lr": lr,
-                                  **{k: round(v.item(), 6) for k, v in losses.items()}}),
-                       **{k: round(v, 5) for k, v in metrics.items()}, "ema_sha256": digest}
-                extra = {"step": step, "ema_sha256": digest, **{k: round(v, 5) for k, v in metrics.items()}}
-                if "select_dice" in metrics and metrics["select_dice"] > best:
-                    best = metrics["select_dice"]
-                    scored.save_pretrained(out / "best", extra=extra)
-                scored.save_pretrained(out / "last", extra=extra)
-                _save_state(state_dir, model, ema, opt, step, best)
-                info += f" val dice {metrics.get('val_dice', float('nan')):.4f}"
-            if row:
-                log(row)
-            bar.update(task, completed=step, info=info)
-    log_file.close()
-    if step < recipe.steps:
-        return {"stopped_at": step, "out": str(out), "last": str(out / "last")}
-    return finish(out, recipe)
+    return train, val, select, sources
 
 
 def finish(out: Path, recipe: Recipe) -> dict:
