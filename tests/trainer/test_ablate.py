@@ -90,3 +90,43 @@ def test_a_mistyped_path_or_row_fails_before_any_training(kvasir_subset, tmp_pat
     with pytest.raises(RecipeError, match="expected 'name: key=value"):
         run_ablation(AblateConfig(recipe=recipe, out=str(tmp_path / "o"), custom_rows=("oops",)))
     assert not (tmp_path / "o").exists()
+
+
+def test_one_fold_is_the_recipes_own_split_with_per_source_columns(kvasir_subset, clinicdb_subset, tmp_path,
+                                                                    monkeypatch):
+    """`folds=1` scores every row on the split `fit` makes from the recipe (the default's card), a
+    row that changes the network trains its own stage 1, and the TTA row scores the first row's
+    models with flip TTA on."""
+    import syndiff_trainer.ablate as ablate_mod
+    from syndiff_trainer.data import load_sources
+    from syndiff_trainer.train import make_split
+
+    recipe = tiny_recipe(("kvasir", kvasir_subset, "none"), ("clinicdb", clinicdb_subset, "sequences"),
+                         sets=["steps=2", "stage1.steps=2", "val_every=2"])
+    seen_tta = []
+    real_evaluate = ablate_mod.evaluate
+
+    def spy(model, *args, **kwargs):
+        seen_tta.append(model.config.tta_flip)
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(ablate_mod, "evaluate", spy)
+    cfg = AblateConfig(recipe=recipe, out=str(tmp_path / "out"), folds=1, paper_rows=False, tta_row=True,
+                       custom_rows=("wider: model.overrides.cond_channels=8",),
+                       options={"device": "cpu", "threads": 1, "progress": False, "cache_dir": str(tmp_path / "c")})
+    summary = run_ablation(cfg)
+
+    ds = load_sources(recipe.data, recipe.image_size, recipe.split.phash_threshold, progress=False).ds
+    expected = make_split(recipe, ds)
+    split = json.loads((tmp_path / "out" / "folds" / "fold0" / "split.json").read_text())
+    assert sorted(split["val"]) == sorted(expected["val"]) and sorted(split["train"]) == sorted(expected["train"])
+
+    runs = tmp_path / "out" / "runs"
+    import tomllib
+    assert tomllib.loads((runs / "wider" / "fold0" / "recipe.toml").read_text())["model"]["init_from"] == ""
+    assert (runs / "wider" / "fold0" / "mask_ae").is_dir()
+    assert seen_tta == [False, False, True]  # base, wider, flip-tta
+    by_name = {r["name"]: r for r in summary["rows"]}
+    assert by_name["flip-tta"]["folds"] and set(by_name["base"]["by_source"]) == {"kvasir", "clinicdb"}
+    table = (tmp_path / "out" / "ablation.md").read_text()
+    assert "the recipe's grouped split" in table and "| clinicdb Dice (%) | kvasir Dice (%) |" in table

@@ -1,8 +1,12 @@
-"""Ablations of a recipe under grouped k-fold cross-validation, as one resumable command.
+"""Ablations of a recipe under grouped validation, as one resumable command.
+
+`folds >= 2` is grouped k-fold cross-validation; `folds = 1` is the recipe's own grouped split,
+the validation the shipped checkpoint's card reports, so a row reads against the default directly
+(one run a row: what a CPU budget allows).
 
 Every row changes what it names from the base recipe (`--set`-style overrides on the same folds,
-the same seed and, for the compact preset, the same stage-1 mask autoencoder per fold), so rows
-differ only in that. The paper's rows:
+the same seed and, where the row keeps the architecture, the same stage-1 mask autoencoder per
+fold), so rows differ only in that. The paper's rows:
   real only | + text-guided synthetic (N) | + copy-paste (N) | traditional augmentation |
   frozen vision encoder | noise loss only (lambda = 0) | multi-step inference (T steps, DDIM)
 and any number of custom rows (`--row "scope-aug: augment.preset=scope"`). Synthetic samples built
@@ -23,7 +27,7 @@ from syndiff_stream.atomic import write_text
 from syndiff_stream.datasets import DatasetError
 from syndiff_stream.model import Segmenter
 
-from .data import ArrayDataset, apply_split, group_kfold, load_sources
+from .data import ArrayDataset, apply_split, group_kfold, grouped_split, load_sources
 from .evaluate import bootstrap_ci, evaluate
 from .recipe import Recipe, RecipeError, apply_sets, recipe_from_dict
 from .synthetic import load_synthetic, synthetic_view
@@ -39,6 +43,7 @@ class Row:
     reuse: str | None = None  # score the models of this row instead of training
     synthetic: str | None = None  # per-fold view of this synthetic folder (validation frames left out)
     synthetic_count: int | None = None
+    tta_flip: bool = False  # score with flip test-time augmentation (an inference-only row)
 
 
 @dataclass
@@ -56,6 +61,7 @@ class AblateConfig:
     paper_rows: bool = True
     custom_rows: tuple[str, ...] = ()  # "name: key=value, key=value"
     only: tuple[str, ...] = ()  # run just these rows (names as in ablation.json)
+    tta_row: bool = False  # add an inference-only row: the first row's models with flip TTA
     options: dict = field(default_factory=dict)  # RunOptions fields: device, threads, progress, cache_dir
 
 
@@ -88,6 +94,9 @@ def rows(cfg: AblateConfig) -> list[Row]:
     else:
         out.append(Row("base", f"Base recipe ({cfg.recipe.name})"))
     out += [parse_row(r) for r in cfg.custom_rows]
+    if cfg.tta_row:
+        out.append(Row("flip-tta", f"Flip test-time augmentation (models of '{out[0].name}')", reuse=out[0].name,
+                       tta_flip=True))
     names = [r.name for r in out]
     if len(set(names)) != len(names):
         raise RecipeError(f"ablation row names must be unique, got {names}")
@@ -130,7 +139,11 @@ def run_ablation(cfg: AblateConfig) -> dict:
     base = _base_recipe(cfg)
     sources = load_sources(base.data, base.image_size, base.split.phash_threshold, progress=False)
     ds = _limit(sources.ds, cfg.limit, base.seed)
-    splits = group_kfold(ds, cfg.folds, base.split.seed)
+    if cfg.folds == 1:  # the recipe's grouped split: the default checkpoint's validation
+        splits = [grouped_split(ds, base.split.val_fraction, 0.0, base.split.seed,
+                                holdout=base.split.holdout if base.split.policy == "holdout-source" else None)]
+    else:
+        splits = group_kfold(ds, cfg.folds, base.split.seed)
     results: dict[str, list[dict]] = {r.name: [] for r in table_rows}
     skipped: dict[str, str] = {}
     first = table_rows[0].name
@@ -150,7 +163,8 @@ def run_ablation(cfg: AblateConfig) -> dict:
             if not row.reuse:
                 sets = ["split.policy=\"file\"", f"split.file=\"{split_file}\"", "split.select_fraction=0", *row.sets]
                 mask_ae = out / "runs" / first / f"fold{k}" / "mask_ae"
-                if row.name != first and (mask_ae / "config.json").is_file() and not base.model.init_from:
+                if (row.name != first and (mask_ae / "config.json").is_file() and not base.model.init_from
+                        and not _changes_architecture(row)):
                     sets.append(f"model.init_from=\"{mask_ae}\"")  # same stage-1 autoencoder as the first row
                 if row.synthetic:
                     view = synthetic_view(row.synthetic, fold_dir / f"synthetic-{row.name}",
@@ -163,8 +177,14 @@ def run_ablation(cfg: AblateConfig) -> dict:
                     sets += [f"synthetic.path=\"{view}\"", f"synthetic.count={row.synthetic_count}"]
                 recipe = recipe_from_dict(apply_sets(base.model_dump(mode="json"), sets), f"ablation row {row.name}")
                 fit(recipe, RunOptions(out=str(run_dir), **cfg.options))
-            res = evaluate(Segmenter.from_pretrained(run_dir / "last"), val, steps=row.eval_steps, per_image=True)
-            score = {"fold": k, **{key: res[key] for key in ("dice", "iou", "hd95", "nsd", "n", "steps", "dice_ci")},
+            model = Segmenter.from_pretrained(run_dir / "last")
+            model.config.tta_flip = row.tta_flip
+            res = evaluate(model, val, steps=row.eval_steps, per_image=True)
+            score = {"fold": k, **{key: res[key] for key in ("dice", "iou", "hd95", "nsd", "n", "steps", "dice_ci",
+                                                              "ms_per_image", "small_polyps", "small_polyps_found")},
+                     "by_source": {name: {key: r[key] for key in ("dice", "dice_ci", "n", "small_polyps",
+                                                                  "small_polyps_found")}
+                                   for name, r in res.get("by_source", {}).items()},
                      "images": [{"stem": r["stem"], "dice": r["dice"]} for r in res["images"]]}
             write_text(result_file, json.dumps(score, indent=1))
             results[row.name].append(score)
@@ -178,6 +198,12 @@ def run_ablation(cfg: AblateConfig) -> dict:
     return summary
 
 
+def _changes_architecture(row: Row) -> bool:
+    """Rows that change the network or its input size train their own stage 1."""
+    return any(s.split("=", 1)[0].strip() in ("model.preset", "image_size") or s.startswith("model.overrides")
+               for s in row.sets)
+
+
 def _mean_std(scores: list[dict], group: dict[str, str]) -> dict:
     if not scores:
         return {}
@@ -185,22 +211,42 @@ def _mean_std(scores: list[dict], group: dict[str, str]) -> dict:
     images = [im for s in scores for im in s.get("images", [])]
     ci = bootstrap_ci([im["dice"] for im in images], [group.get(im["stem"], im["stem"]) for im in images]) \
         if images else (float("nan"), float("nan"))
+    by_source: dict[str, dict] = {}
+    for name in sorted({n for s in scores for n in s.get("by_source", {})}):
+        stems = [im for im in images if im["stem"].split("/", 1)[0] == name]
+        by_source[name] = {"dice_mean": float(np.mean([im["dice"] for im in stems])) if stems else float("nan"),
+                           "dice_ci": list(bootstrap_ci([im["dice"] for im in stems],
+                                                        [group.get(im["stem"], im["stem"]) for im in stems]))
+                           if stems else [float("nan")] * 2}
     return {"dice_mean": float(dice.mean()), "dice_std": float(dice.std()), "dice_ci": list(ci),
-            "iou_mean": float(iou.mean()), "iou_std": float(iou.std())}
+            "iou_mean": float(iou.mean()), "iou_std": float(iou.std()), "by_source": by_source,
+            "small_polyps": sum(s.get("small_polyps", 0) for s in scores),
+            "small_polyps_found": sum(s.get("small_polyps_found", 0) for s in scores),
+            "ms_per_image": float(np.mean([s["ms_per_image"] for s in scores if "ms_per_image" in s] or [float("nan")]))}
 
 
 def markdown_table(summary: dict) -> str:
-    lines = [f"# Ablations of {summary['recipe']}: grouped {summary['folds']}-fold cross-validation, "
+    how = ("the recipe's grouped split (the default checkpoint's validation)" if summary["folds"] == 1
+           else f"grouped {summary['folds']}-fold cross-validation")
+    sources = sorted({n for r in summary["rows"] for n in r.get("by_source", {})})
+    lines = [f"# Ablations of {summary['recipe']}: {how}, "
              f"{summary['images']} real images, {summary['steps']} training steps, seed {summary['seed']}", "",
-             "Each row changes one thing from the first. Mean ± std over folds; CI: 95 % bootstrap over groups "
-             "of every held-out image.", "",
-             "| Configuration | Dice (%) | Dice 95 % CI (%) | IoU (%) | folds |", "|---|---|---|---|---|"]
+             "Each row changes one thing from the first. Dice: mean ± std over folds; CI: 95 % bootstrap over "
+             "groups of every held-out image; per source: mean (CI). Small polyps: found (>= half covered) of "
+             "those under 2 % of the frame.", "",
+             "| Configuration | Dice (%) | Dice 95 % CI (%) | " + "".join(f"{n} Dice (%) | " for n in sources)
+             + "small polyps found | IoU (%) | folds |",
+             "|---|---|---|" + "---|" * len(sources) + "---|---|---|"]
     for r in summary["rows"]:
         if r.get("folds"):
+            per = "".join(f"{100 * r['by_source'][n]['dice_mean']:.1f} ({100 * r['by_source'][n]['dice_ci'][0]:.1f}-"
+                          f"{100 * r['by_source'][n]['dice_ci'][1]:.1f}) | " if n in r.get("by_source", {}) else "- | "
+                          for n in sources)
             lines.append(f"| {r['label']} | {100 * r['dice_mean']:.1f} ± {100 * r['dice_std']:.1f} | "
-                         f"{100 * r['dice_ci'][0]:.1f}-{100 * r['dice_ci'][1]:.1f} | "
+                         f"{100 * r['dice_ci'][0]:.1f}-{100 * r['dice_ci'][1]:.1f} | {per}"
+                         f"{r.get('small_polyps_found', 0)} of {r.get('small_polyps', 0)} | "
                          f"{100 * r['iou_mean']:.1f} ± {100 * r['iou_std']:.1f} | {len(r['folds'])} |")
         else:
-            lines.append(f"| {r['label']} | not run | not run | not run | 0 |")
+            lines.append(f"| {r['label']} | not run | not run | " + "not run | " * len(sources) + "not run | not run | 0 |")
     notes = [f"- {r['label']}: {r['skipped']}" for r in summary["rows"] if r.get("skipped")]
     return "\n".join(lines + ([""] + ["Not run:"] + notes if notes else [])) + "\n"

@@ -274,7 +274,9 @@ def ablate(
     counts: str = typer.Option("20,50,100,200", metavar="TEXT", help="synthetic sample counts, comma-separated"),
     copy_paste: Optional[Path] = typer.Option(None, metavar="PATH", help="synth --method copy-paste output (baseline row)"),
     copy_paste_count: int = typer.Option(100, metavar="N", help="copy-paste samples in the baseline row"),
-    folds: int = typer.Option(5, metavar="N", help="k of grouped k-fold cross-validation"),
+    folds: int = typer.Option(5, metavar="N", min=1, help="k of grouped k-fold cross-validation; 1: the recipe's own "
+                                                           "grouped split (the default checkpoint's validation)"),
+    tta_row: bool = typer.Option(False, help="add an inference-only row: the first row's models with flip TTA"),
     limit: Optional[int] = typer.Option(None, metavar="N", help="use about this many real images, whole groups (reduced scale)"),
     multistep: int = typer.Option(50, metavar="N", help="DDIM steps for the multi-step inference row"),
     base_augment: str = typer.Option("none", metavar="TEXT", help="augmentation of the papers' rows but 'traditional'"),
@@ -284,7 +286,7 @@ def ablate(
     cache_dir: Optional[Path] = typer.Option(None, metavar="PATH", help="decoded-dataset cache (default ~/.cache/syndiff-stream)"),
     progress: bool = typer.Option(True, help="show progress bars"),
 ):
-    """Ablations of a recipe under grouped k-fold: one table, a row per change, mean ± std and CI.
+    """Ablations of a recipe under grouped validation: one table, a row per change, mean ± std and CI.
 
     Shorten every run with --set, e.g. --set steps=300 --set stage1.steps=100."""
     from .ablate import AblateConfig, run_ablation
@@ -297,7 +299,7 @@ def ablate(
                         counts=tuple(int(c) for c in counts.split(",") if c.strip()), copy_paste_count=copy_paste_count,
                         folds=folds, limit=limit, multistep=multistep, base_augment=base_augment, paper_rows=paper_rows,
                         custom_rows=tuple(row or ()), only=tuple(o.strip() for o in only.split(",")) if only else (),
-                        options=options)
+                        tta_row=tta_row, options=options)
     summary = _run(run_ablation, acfg)
     typer.echo((out / "ablation.md").read_text())
     typer.echo(json.dumps({"out": str(out), "rows": len(summary["rows"])}))
