@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-import syndiff_stream
 from syndiff_stream.backends import make_backend
-from syndiff_stream.datasets import find_pairs, read_image, read_mask
+from syndiff_stream.datasets import read_image, read_mask
 from syndiff_stream.frames import Frame
 from syndiff_stream.metrics import dice
-from syndiff_stream.model import Segmenter
+from syndiff_stream.model import Segmenter, default_checkpoint_path
 from syndiff_stream.pipeline import Pipeline
 from syndiff_stream.smoothing import SmoothingConfig, Smoother, flicker, has_false_positive
 from syndiff_stream.sources import PseudoVideoSource, Source
@@ -146,13 +145,22 @@ def time_smoothers(folder: Path, frames: int = 100) -> dict:
     return out
 
 
+def held_out_stems(model: str | None) -> list[str]:
+    """Kvasir-SEG images the model never trained on: its split.json's validation stems
+    ("kvasir/<stem>" in recipe-built checkpoints, bare stems in the older compact-kvasir)."""
+    split = (Path(model) if model else default_checkpoint_path()) / "split.json"
+    if not split.is_file():
+        raise SystemExit(f"pseudo-videos need the model's held-out images: {split} does not exist")
+    val = json.loads(split.read_text())["val"]
+    return [s.split("/", 1)[1] if "/" in s else s for s in val if "/" not in s or s.startswith("kvasir/")]
+
+
 def all_clips(args) -> dict[str, list[Clip]]:
-    held_out = json.loads((Path(syndiff_stream.__file__).parent / "weights/compact-kvasir/split.json").read_text())["val"]
     kinds = {}
     for kind in args.kinds:
         step = {"cvc x1": 1, "cvc x2": 2}.get(kind)
         kinds[kind] = (cvc_clips(args.cvc, step) if step else
-                       pseudo_clips(args.pseudo, kind, args.images, args.frames, held_out))
+                       pseudo_clips(args.pseudo, kind, args.images, args.frames, held_out_stems(args.model)))
     return kinds
 
 

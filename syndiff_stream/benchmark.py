@@ -83,10 +83,50 @@ def compare_step_counts(seg: Segmenter, source: Source, steps: int, frames: int 
             "speedup_range": [round(float(ratios.min()), 2), round(float(ratios.max()), 2)]}
 
 
+def compare_models(backends: dict[str, Backend], source: Source, frames: int = 8, rounds: int = 5) -> dict:
+    """Model time per frame of several checkpoints on the same frames, side by side in this run.
+
+    Each backend (same kind and thread count as the main one) runs its own preprocessing and
+    runner, one frame at a time, after a warm-up; the models take turns in `rounds` interleaved
+    rounds so that load on a shared machine hits them alike. Reported per model: parameters,
+    median ms per frame and its ratio to the first (the benchmarked) model, ratio range."""
+    images = list(islice(source, frames))
+    source.close()
+    if not images:
+        raise ValueError("the source gave no frames to compare on")
+    if rounds < 1:
+        raise ValueError(f"--compare-rounds must be >= 1, got {rounds}")
+    stages = {name: Stages(b) for name, b in backends.items()}
+    prepared = {name: [st.preprocess(f) for f in images] for name, st in stages.items()}
+    try:
+        for name, st in stages.items():  # warm-up, untimed
+            st.infer(prepared[name][:1])
+        times: dict[str, list[float]] = {name: [] for name in stages}
+        for _ in range(rounds):
+            for name, st in stages.items():
+                sync(backends[name].device)
+                start = time.perf_counter()
+                for item in prepared[name]:
+                    st.infer([item])
+                sync(backends[name].device)
+                times[name].append(1000 * (time.perf_counter() - start) / len(images))
+    finally:
+        for st in stages.values():
+            st.close()
+    first = next(iter(times))
+    out = {}
+    for name, ms in times.items():
+        ratios = np.array(ms) / np.array(times[first])
+        out[name] = {"params": backends[name].seg.num_parameters(), "ms_per_frame": round(float(np.median(ms)), 2),
+                     "ratio": round(float(np.median(ratios)), 3),
+                     "ratio_range": [round(float(ratios.min()), 3), round(float(ratios.max()), 3)]}
+    return {"compare_models": out, "compare_models_frames": len(images), "compare_models_rounds": rounds}
+
+
 def run_benchmark(seg: Segmenter, backend: Backend, make_source: Callable[[], Source], frames: int = 200,
                   mode: Mode | None = None, batch_size: int | None = None, compare_steps: int = 0,
                   compare_frames: int = 3, compare_rounds: int = 5, smoothing: SmoothingConfig | None = None,
-                  live: LivePolicy | None = None) -> dict:
+                  live: LivePolicy | None = None, compare_backends: dict[str, Backend] | None = None) -> dict:
     """One JSON-ready dict; `make_source` is called once per measurement (each needs fresh frames)."""
     source = make_source()
     pipeline = Pipeline(source, backend, [Publisher("tcp://127.0.0.1:*")], mode=mode,
@@ -100,6 +140,8 @@ def run_benchmark(seg: Segmenter, backend: Backend, make_source: Callable[[], So
     }
     if compare_steps:
         report.update(compare_step_counts(seg, make_source(), compare_steps, compare_frames, compare_rounds))
+    if compare_backends:
+        report.update(compare_models({"model": backend, **compare_backends}, make_source(), rounds=compare_rounds))
     if smoothing is not None:
         stages = Stages(backend)  # the pipeline's preprocess and runner, one frame at a time
 

@@ -542,6 +542,9 @@ def bench(
     compare_frames: int = typer.Option(3, help="frames for the T-step comparison"),
     compare_rounds: int = typer.Option(5, help="interleaved timing rounds of the comparison: the speedup is "
                                        "their median, `speedup_range` their spread"),
+    compare_model: Optional[List[Path]] = typer.Option(None, help="also time this checkpoint's model per frame, "
+                                                       "side by side with --model on the same frames and backend "
+                                                       "(repeatable; `compare_models` in the report)"),
     smoothing: bool = typer.Option(False, help="also report Dice and flicker with and without smoothing (needs true masks)"),
     json_out: bool = typer.Option(False, "--json", help="print only one JSON object"),
     engine: Optional[Path] = typer.Option(None, help=ENGINE_HELP),
@@ -561,11 +564,17 @@ def bench(
     live = live_policy(latency_budget)
     dev = pick_device(device)
     seg = load_model(model)
+    compare = {}
+    for path in compare_model or []:  # every checkpoint loads before any work starts
+        if str(path) in compare:
+            fail(f"--compare-model {path}: given twice")
+        compare[str(path)] = load_model(path)
     backend_ = build_backend(seg, backend, dev, threads, engine)
+    others = {name: build_backend(other, backend_.name, dev, threads) for name, other in compare.items()}
     try:
         report = run_benchmark(seg, backend_, lambda: open_input(source, realtime=source_fps is not None, fps=source_fps), frames=frames, mode=mode_, batch_size=batch, live=live,
                                compare_steps=compare_steps, compare_frames=compare_frames,
-                               compare_rounds=compare_rounds,
+                               compare_rounds=compare_rounds, compare_backends=others,
                                smoothing=default_smoothing(True, seg.config.threshold) if smoothing else None)
     except ValueError as exc:
         fail(str(exc))

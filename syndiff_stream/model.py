@@ -167,8 +167,8 @@ class SegmenterConfig(BaseModel):
 
 
 def preset_config(name: str, **overrides) -> SegmenterConfig:
-    """`compact`: <= 5M parameters for CPU and edge. `sd`: paper scale, SD's VAE architecture.
-    `tiny`: for tests."""
+    """`compact`: <= 5M parameters for CPU and edge. `large`: 16M, for a GPU. `sd`: paper scale,
+    SD's VAE architecture. `tiny`: for tests."""
     try:
         return _preset_config(name, **overrides)
     except ValidationError as exc:
@@ -200,7 +200,12 @@ def _preset_config(name: str, **overrides) -> SegmenterConfig:
         )
         base.update(overrides)
         return SegmenterConfig(**base)
-    raise ValueError(f"unknown preset {name!r}: choose 'compact', 'sd' or 'tiny'")
+    if name == "large":  # for GPU deployment: compact's mask autoencoder, a 4x wider encoder and U-Net
+        base = dict(preset="large", encoder_block_out_channels=(64, 128), cond_channels=32,
+                    unet_block_out_channels=(64, 128, 192, 256))
+        base.update(overrides)
+        return SegmenterConfig(**base)
+    raise ValueError(f"unknown preset {name!r}: choose 'compact', 'large', 'sd' or 'tiny'")
 
 
 class VisionEncoder(nn.Module):
@@ -444,9 +449,13 @@ def read_checkpoint_config(directory: str | Path) -> SegmenterConfig:
         raise CheckpointError(f"checkpoint {path}: {exc}") from None
 
 
+DEFAULT_CHECKPOINT = "compact-kvasir-clinicdb"
+
+
 def default_checkpoint_path() -> Path:
-    """The compact checkpoint shipped inside the package."""
-    return Path(__file__).parent / "weights" / "compact-kvasir"
+    """The shipped default: built by the trainer's default recipe, whose record lies beside it.
+    The earlier `compact-kvasir` stays in weights/ and loads by path."""
+    return Path(__file__).parent / "weights" / DEFAULT_CHECKPOINT
 
 
 def init_from_sd_vae(model: Segmenter, vae_dir: str | Path) -> None:

@@ -4,11 +4,13 @@ import threading
 
 import av
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from conftest import rt_write_video
+from conftest import RT_TINY_CONFIG, rt_write_video
 from syndiff_stream.backends import make_backend
 from syndiff_stream.cli import app
+from syndiff_stream.model import Segmenter, preset_config
 from syndiff_stream.pipeline import Pipeline
 from syndiff_stream.publish import Publisher
 from syndiff_stream.sources import open_source
@@ -105,6 +107,25 @@ def test_bench_prints_one_json_object(rt_tiny_model_dir):
     low, high = report["speedup_range"]
     assert low <= report["speedup"] <= high and report["compare_repeats"] >= 3
     assert {"dice_raw", "dice_smoothed", "flicker_raw", "flicker_smoothed"} <= set(report["smoothing"])
+
+
+def test_bench_compares_models_side_by_side(rt_tiny_model_dir, tmp_path):
+    wider = tmp_path / "wider"
+    torch.manual_seed(1)
+    Segmenter(preset_config("compact", **{**RT_TINY_CONFIG, "cond_channels": 8})).save_pretrained(wider)
+    result = invoke("bench", "--model", rt_tiny_model_dir, "--backend", "eager", "--frames", 4,
+                    "--compare-model", wider, "--compare-rounds", 2, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    models = report["compare_models"]
+    assert list(models) == ["model", str(wider)] and report["compare_models_rounds"] == 2
+    assert models["model"]["ratio"] == 1.0 and models["model"]["params"] == report["model_params"]
+    assert models[str(wider)]["params"] > report["model_params"]
+    low, high = models[str(wider)]["ratio_range"]
+    assert low <= models[str(wider)]["ratio"] <= high and models[str(wider)]["ms_per_frame"] > 0
+
+    missing = invoke("bench", "--model", rt_tiny_model_dir, "--compare-model", tmp_path / "nope", "--json")
+    assert missing.exit_code == 2 and "nope" in missing.output and len(missing.output.strip().splitlines()) == 1
 
 
 def test_view_records_overlays_to_a_file(rt_tiny_segmenter, rt_video, tmp_path, rt_endpoint):

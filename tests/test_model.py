@@ -160,6 +160,11 @@ def test_corrupt_missing_and_mismatched_checkpoints_error_clearly(model, tmp_pat
 
 def test_presets_and_parameter_budget():
     assert Segmenter(preset_config("compact")).num_parameters() <= 5_000_000
+    large = Segmenter(preset_config("large"))
+    assert 10_000_000 <= large.num_parameters() <= 25_000_000
+    mask_ae = {k: v.shape for k, v in large.state_dict().items() if k.startswith("mask_vae.")}
+    assert mask_ae == {k: v.shape for k, v in Segmenter(preset_config("compact")).state_dict().items()
+                       if k.startswith("mask_vae.")}  # the same frozen mask autoencoder as compact
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("huge")
     with pytest.raises(ValueError, match="prediction_type"):

@@ -34,7 +34,7 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    preset: Literal["compact", "sd", "tiny"] = "compact"
+    preset: Literal["compact", "large", "sd", "tiny"] = "compact"
     overrides: dict[str, Any] = Field(default_factory=dict)  # any SegmenterConfig field
     init_vae: str = ""  # sd preset: local Stable Diffusion VAE folder (diffusers layout)
     init_from: str = ""  # start from this checkpoint (reuses its mask autoencoder)

@@ -41,6 +41,7 @@ import numpy as np
 from syndiff_stream.frames import Frame
 from syndiff_stream.gating import AlarmGate, GateConfig
 from syndiff_stream.metrics import dice, iou
+from syndiff_stream.model import default_checkpoint_path
 from syndiff_stream.sources import Source
 
 GALLERY_SIZE = 8  # the report shows the worst frame of each of the worst clips
@@ -642,7 +643,7 @@ def run_eval_video(source: str, masks=None, fps=None, model=None, backend="auto"
         result, runs, scores = evaluate_clips(clips, backend_, settings, progress, profile_)
     except EvalInputError as exc:
         fail(str(exc))
-    meta = {"input": source, "input_kind": kind, "clips": len(clips), "checkpoint": str(model or "shipped compact-kvasir"),
+    meta = {"input": source, "input_kind": kind, "clips": len(clips), "checkpoint": str(model or default_checkpoint_path().name),
             "profile": str(profile) if profile else None,
             "backend": backend_.name, "device": str(backend_.device), "threshold": profile_.threshold if profile_ else seg.config.threshold}
     result["settings"] = {**meta, **result["settings"]}
