@@ -140,7 +140,7 @@ class VideoWorker:
     """One model replica in a Ray actor: whole videos through the local engine's chain."""
 
     def __init__(self, model: str | None, backend: str, device: str, threads: int,
-                 smoothing: SmoothingConfig | None, overlay: bool):
+                 smoothing: SmoothingConfig | None, overlay: bool, tta: bool = False):
         """`model`: a checkpoint folder this node sees, like the videos (None: the shipped model).
         Read from disk, not sent through the object store, so that a restarted actor never
         depends on an object that may have been lost with its node."""
@@ -155,6 +155,7 @@ class VideoWorker:
         self.error = ""
         try:  # kept, not raised: `ready` turns it into the batch's one-line error
             seg = Segmenter.from_pretrained(model)
+            seg.config.tta_flip = seg.config.tta_flip or tta
             self.backend = make_backend(resolve_backend(backend, device), seg, device, threads=threads)
             actor = ray.get_runtime_context().get_actor_id()[:8]
             self.where = f"actor {actor}: {self.backend.name} on {device} at {socket.gethostname()}"
@@ -225,7 +226,7 @@ class BatchProgress:
 
 
 def run_ray_batch(pairs: Sequence[tuple[Path, Path]], model: str | Path | None, opts: RayOptions, backend: str = "auto",
-                  smoothing: SmoothingConfig | None = None, overlay: bool = True,
+                  smoothing: SmoothingConfig | None = None, overlay: bool = True, tta: bool = False,
                   on_progress: Callable[[BatchProgress], None] | None = None,
                   on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
     """Every (input, folder) pair through a pool of actors; one Outcome per pair, in input order.
@@ -263,7 +264,7 @@ def run_ray_batch(pairs: Sequence[tuple[Path, Path]], model: str | Path | None, 
     up = 0  # actors that answered ready()
 
     def new_actor():
-        actor = worker_cls.remote(model, backend, opts.device, threads, smoothing, overlay)
+        actor = worker_cls.remote(model, backend, opts.device, threads, smoothing, overlay, tta)
         checks[actor.ready.remote()] = actor
         return actor
 

@@ -135,6 +135,7 @@ def run_benchmark(seg: Segmenter, backend: Backend, make_source: Callable[[], So
     sync(backend.device)
     report = {
         "device": device_name(backend.device), "backend": backend.name, "model_params": seg.num_parameters(),
+        "tta": seg.config.tta_flip,
         "input_size": backend.input_size, "source": source.source_id, "batch": pipeline.batch_size,
         **stats.as_dict(), "torch_threads": torch.get_num_threads(),
     }

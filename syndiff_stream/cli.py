@@ -18,13 +18,21 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def load_model(path: Optional[Path]):
+TTA_HELP = "flip test-time augmentation: average the frame and its mirror image (about twice the model time)"
+
+
+def load_model(path: Optional[Path], tta: bool = False):
+    """`tta` turns flip TTA on for every backend (it is part of the model's forward pass, so an
+    exported engine of a TTA model has it built in)."""
     from .model import CheckpointError, Segmenter
 
     try:
-        return Segmenter.from_pretrained(path)
+        seg = Segmenter.from_pretrained(path)
     except CheckpointError as exc:
         fail(str(exc))
+    if tta:
+        seg.config.tta_flip = True
+    return seg
 
 
 @app.callback()
@@ -39,6 +47,7 @@ def predict(
     model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
     timestep: Optional[int] = typer.Option(None, help="inference timestep (default: the model's)"),
     steps: int = typer.Option(1, help="U-Net passes: 1 = single step; more = DDIM, for comparison"),
+    tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
 ):
     """Segment still images: writes a mask PNG and an overlay PNG per image.
 
@@ -47,7 +56,7 @@ def predict(
     from .backends import BackendError, EagerBackend
     from .stills import segment_stills
 
-    seg = load_model(model)
+    seg = load_model(model, tta)
     try:
         backend = EagerBackend(seg, "cpu", timestep=timestep, steps=steps)
         out.mkdir(parents=True, exist_ok=True)
@@ -270,6 +279,7 @@ def run(
     curve_allow: Optional[Path] = typer.Option(None, help=CURVE_ALLOW_HELP),
     reconnect_timeout: float = typer.Option(30.0, help=RECONNECT_HELP),
     latency_budget: Optional[float] = typer.Option(None, help=BUDGET_HELP),
+    tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
 ):
     """Segment a live or recorded video stream; publish masks over ZeroMQ and/or write files.
 
@@ -290,7 +300,7 @@ def run(
     profile_ = read_profile(profile)
     gating = gating_config(profile_, gate_persist, gate_hold)
     dev = pick_device(device)
-    seg = load_model(model)  # a bad checkpoint fails before the source is even opened
+    seg = load_model(model, tta)  # a bad checkpoint fails before the source is even opened
     # A stream or device is opened only once the backend is made and set up as the pipeline runs it
     # (sessions created): its frames would otherwise pile up meanwhile and arrive as one burst.
     # Anything else is opened first, so a wrong path fails at once.
@@ -356,6 +366,7 @@ def batch(
     actors: Optional[int] = typer.Option(None, help="ray: model replicas (default: as many as the cluster's CPUs or GPUs hold)"),
     cpus_per_actor: float = typer.Option(1.0, help="ray: CPUs per replica (its inference threads)"),
     gpus_per_actor: float = typer.Option(0.0, help="ray: GPU per replica, e.g. 0.25 (0: CPU replicas with ONNX Runtime)"),
+    tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
 ):
     """Process recorded procedures losslessly, one output folder per input; resumable.
 
@@ -382,7 +393,7 @@ def batch(
     except BatchError as exc:
         fail(str(exc))
     dev = pick_device(device) if ray_opts is None else None
-    seg = load_model(model)
+    seg = load_model(model, tta)
     smoothing = default_smoothing(smooth, seg.config.threshold)
     local_backend = build_backend(seg, backend, dev) if ray_opts is None else None  # on Ray: built in each actor
     try:
@@ -393,7 +404,7 @@ def batch(
     if ray_opts is None:
         outcomes = batch_local(pairs, local_backend, smoothing, overlay)
     else:
-        outcomes = batch_ray(pairs, model, ray_opts, backend, smoothing, overlay)
+        outcomes = batch_ray(pairs, model, ray_opts, backend, smoothing, overlay, tta)
     typer.echo(summary_line(outcomes, time.perf_counter() - t0))
     if ray_opts is not None:
         for line in worker_lines(outcomes):
@@ -468,7 +479,7 @@ def ray_options(address, actors, cpus_per_actor, gpus_per_actor, device, backend
         fail("--" + validation_message(exc).replace("_", "-"))
 
 
-def batch_ray(pairs, model, opts, backend, smoothing, overlay) -> list:
+def batch_ray(pairs, model, opts, backend, smoothing, overlay, tta=False) -> list:
     """The Ray engine: bars over videos and frames, a line per failed video as it happens."""
     import time
 
@@ -491,7 +502,7 @@ def batch_ray(pairs, model, opts, backend, smoothing, overlay) -> list:
                 progress.console.print(f"[yellow]{outcome.error}[/yellow]", soft_wrap=True, markup=True, highlight=False)
 
         try:
-            outcomes = run_ray_batch(pairs, model, opts, backend, smoothing, overlay, on_progress=show, on_outcome=settled)
+            outcomes = run_ray_batch(pairs, model, opts, backend, smoothing, overlay, tta=tta, on_progress=show, on_outcome=settled)
         except BatchError as exc:
             fail(str(exc))
         except KeyboardInterrupt:
@@ -549,6 +560,7 @@ def bench(
     json_out: bool = typer.Option(False, "--json", help="print only one JSON object"),
     engine: Optional[Path] = typer.Option(None, help=ENGINE_HELP),
     latency_budget: Optional[float] = typer.Option(None, help=BUDGET_HELP),
+    tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
 ):
     """Measure the pipeline honestly: warm up, then time decode, model and end to end."""
     import json
@@ -563,7 +575,7 @@ def bench(
     mode_ = check_mode(mode)
     live = live_policy(latency_budget)
     dev = pick_device(device)
-    seg = load_model(model)
+    seg = load_model(model, tta)
     compare = {}
     for path in compare_model or []:  # every checkpoint loads before any work starts
         if str(path) in compare:
@@ -734,6 +746,7 @@ def export(
     calibration: Optional[Path] = typer.Option(None, help="int8 calibration set: a folder of frames, a video, or a profile with an int8 manifest"),
     max_batch: int = typer.Option(8, help="largest batch the engine accepts (tensorrt)"),
     exporter: str = typer.Option("auto", help="onnx: auto (dynamo, TorchScript if it fails) | dynamo | torchscript"),
+    tta: bool = typer.Option(False, "--tta", help=TTA_HELP + "; built into the engine, so run it with --tta too"),
 ):
     """Export the model to an engine file that `run --engine` and `bench --engine` load."""
     import warnings
@@ -741,7 +754,7 @@ def export(
     from .backends import BackendError
     from .export import export_engine
 
-    seg = load_model(model)
+    seg = load_model(model, tta)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:

@@ -241,7 +241,7 @@ def open_engine(seg: Segmenter, engine: str | Path, device: str = "cpu", threads
         raise BackendError(f"--engine {engine} is a {kind} engine, not {backend}")
     if info and info.model_hash != model_hash(seg):
         raise BackendError(f"--engine {engine} was exported from another checkpoint or torch version "
-                           f"(hash {info.model_hash}, this model {model_hash(seg)}): pass the matching --model or re-export")
+                           f"(hash {info.model_hash}, this model {model_hash(seg)}): pass the matching --model (and --tta) or re-export")
     if info and info.input_size != seg.config.image_size:
         raise BackendError(f"--engine {engine} takes {info.input_size}px input, the model {seg.config.image_size}px")
     if kind == "onnx":

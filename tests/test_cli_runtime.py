@@ -128,6 +128,26 @@ def test_bench_compares_models_side_by_side(rt_tiny_model_dir, tmp_path):
     assert missing.exit_code == 2 and "nope" in missing.output and len(missing.output.strip().splitlines()) == 1
 
 
+def test_tta_option_reaches_the_model(rt_tiny_model_dir, monkeypatch):
+    """--tta turns flip TTA on in the model every backend runs; the bench report says so, and
+    --compare-model with the same folder times the model without it, side by side."""
+    import syndiff_stream.benchmark as benchmark
+
+    seen = []
+    real = benchmark.run_benchmark
+
+    def spy(seg, backend, *args, **kwargs):
+        seen.append((seg.config.tta_flip, {k: b.seg.config.tta_flip for k, b in kwargs["compare_backends"].items()}))
+        return real(seg, backend, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "run_benchmark", spy)
+    result = invoke("bench", "--model", rt_tiny_model_dir, "--backend", "eager", "--frames", 2, "--tta",
+                    "--compare-model", rt_tiny_model_dir, "--compare-rounds", 1, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["tta"] is True
+    assert seen == [(True, {str(rt_tiny_model_dir): False})]
+
+
 def test_view_records_overlays_to_a_file(rt_tiny_segmenter, rt_video, tmp_path, rt_endpoint):
     # The publishing side runs through the Python API in a thread: CliRunner swaps sys.stdout,
     # so two CLI invocations cannot run at once.
