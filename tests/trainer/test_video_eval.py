@@ -247,3 +247,26 @@ def test_a_video_without_polyps_scores_with_no_undefined_numbers():
     assert s["dice_positive"] == {"mean": None, "ci95": [None, None], "frames": 0}
     assert s["fp_rate_polyp_free_frames"] == 0.25 and s["false_alarm_events"] == 1
     json.dumps(s, allow_nan=False)  # strict JSON
+
+
+def test_eval_video_scores_only_sequences_the_checkpoint_never_trained_on(tmp_path, rt_tiny_model_dir):
+    """A checkpoint whose manifest names this folder and whose split trained on sequence 1 is
+    scored on sequence 2 alone; --split all scores both; a checkpoint without a manifest warns."""
+    import shutil
+
+    data = write_sequences(tmp_path / "d", (6, 5))
+    model = tmp_path / "model"
+    shutil.copytree(rt_tiny_model_dir, model)
+    (model / "manifest.json").write_text(json.dumps({"sources": [{"name": "clinicdb", "path": str(data)}]}))
+    (model / "split.json").write_text(json.dumps({"train": [f"clinicdb/{n}" for n in range(1, 7)],
+                                                  "val": [f"clinicdb/{n}" for n in range(7, 12)]}))
+    runner = CliRunner()
+    common = ["--backend", "eager", "--device", "cpu", "--sweep", "", "--json"]
+    res = runner.invoke(app, ["eval-video", str(data), "--model", str(model), *common])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["summary"]["frames"] == 5
+    assert "scoring the 1 of 2 clips" in res.stderr
+    every = runner.invoke(app, ["eval-video", str(data), "--model", str(model), "--split", "all", *common])
+    assert json.loads(every.stdout.strip().splitlines()[-1])["summary"]["frames"] == 11
+    bare = runner.invoke(app, ["eval-video", str(data), "--model", str(rt_tiny_model_dir), *common])
+    assert bare.exit_code == 0 and "records no training manifest" in bare.stderr

@@ -328,6 +328,8 @@ def eval_video(
     frames_per_image: int = typer.Option(30, metavar="N", help="pseudo: frames per still image"),
     report: Optional[Path] = typer.Option(None, metavar="DIR", help="write a self-contained HTML report (index.html) here"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    split: str = typer.Option("val", metavar="SIDE", help="val: only clips the checkpoint never trained on (its "
+                                                       "manifest and split.json); all: every clip"),
 ):
     """Clinical video evaluation: per-polyp sensitivity, time to first detection, false alarms per minute, flicker."""
     args = dict(locals())

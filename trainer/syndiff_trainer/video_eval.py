@@ -60,6 +60,7 @@ class Clip:
     frames: int
     fps: float
     open: Callable[[], Source] = field(repr=False)  # a fresh source whose frames carry true masks
+    stems: tuple[str, ...] = ()  # file stems of its frames (sequences, pseudo), to tell training frames apart
 
 
 def _natural_key(path: Path) -> list:
@@ -156,7 +157,7 @@ def sequence_clips(folder: str | Path, fps: float = 25.0, limit: int | None = No
                 raise EvalInputError(f"{mask}: mask size {_image_size(mask)} does not match its frame {image} "
                                      f"{_image_size(image)}")
         name = f"sequence {seq}"
-        clips.append(Clip(name, len(pairs), fps, lambda n=name, p=pairs: PairSource(n, p, fps)))
+        clips.append(Clip(name, len(pairs), fps, lambda n=name, p=pairs: PairSource(n, p, fps), tuple(frames)))
     return clips
 
 
@@ -214,8 +215,29 @@ def pseudo_clips(folder: str | Path, frames_per_image: int = 30, fps: float = 25
         src.source_id = f"{src.source_id}/{base.pairs[k].stem}"
         return src
 
-    return [Clip(pair.stem, frames_per_image, fps, lambda k=k: one(k))
+    return [Clip(pair.stem, frames_per_image, fps, lambda k=k: one(k), (pair.stem,))
             for k, pair in enumerate(base.pairs[:limit])]
+
+
+def held_out(clips: list[Clip], folder: str | Path, model_dir: Path) -> tuple[list[Clip], str]:
+    """The clips none of whose frames the checkpoint trained on, and a line saying what was left
+    out. The checkpoint's manifest names the folders it trained from and its split.json which
+    frames; a checkpoint without them cannot tell, which the line says."""
+    import json
+
+    manifest, split = model_dir / "manifest.json", model_dir / "split.json"
+    if not manifest.is_file() or not split.is_file():
+        return clips, (f"{model_dir.name} records no training manifest: if it trained on these frames, "
+                       "the scores are inflated")
+    folder = str(Path(folder).resolve())
+    names = [s["name"] for s in json.loads(manifest.read_text())["sources"] if str(Path(s["path"]).resolve()) == folder]
+    if not names:
+        return clips, ""
+    recorded = json.loads(split.read_text())
+    trained = set(recorded.get("train", [])) | set(recorded.get("select", []))
+    keep = [c for c in clips if not any(f"{names[0]}/{stem}" in trained for stem in c.stems)]
+    return keep, (f"scoring the {len(keep)} of {len(clips)} clips that {model_dir.name} never trained on "
+                  f"(its split.json); --split all scores every clip, training frames included")
 
 
 # ---- scoring ------------------------------------------------------------------------------------
@@ -611,7 +633,7 @@ def _parse_sweep(text: str) -> tuple[int, ...]:
 def run_eval_video(source: str, masks=None, fps=None, model=None, backend="auto", device="auto", threads=None,
                    profile=None, smooth=True, gate_persist=None, gate_hold=None, polyps="auto", hit_iou=0.1, min_hits=1,
                    fa_frames=1, sweep="1-8", sweep_hold="", limit=None, frames_per_image=30, report=None,
-                   as_json=False) -> dict:
+                   as_json=False, split="val") -> dict:
     """`syndiff-train eval-video`: check the input, run it through the runtime, print, report."""
     import json
     import sys
@@ -628,6 +650,14 @@ def run_eval_video(source: str, masks=None, fps=None, model=None, backend="auto"
         clips, kind = open_clips(source, masks, fps, limit, frames_per_image)
         rules = Rules(hit_iou=hit_iou, min_hits=min_hits, fa_frames=fa_frames,
                       polyps=("clip" if kind == "sequences" else "overlap") if polyps == "auto" else polyps)
+        if split not in ("val", "all"):
+            raise ValueError(f"--split {split!r}: choose val or all")
+        if split == "val" and kind != "video":
+            clips, note = held_out(clips, source.removeprefix("pseudo:"), Path(model) if model else default_checkpoint_path())
+            if note:
+                print(note, file=sys.stderr)
+            if not clips:
+                raise EvalInputError(f"{source}: the checkpoint trained on every clip here; --split all scores them anyway")
     except (EvalInputError, ValueError) as exc:
         fail(str(exc))
     seg = load_model(model)
