@@ -262,7 +262,7 @@ class Pipeline:
         sinks discard their unfinished files instead of finalising them (`abort`)."""
         stats = self.stats
         try:
-            self.runner.warmup(sorted({1, self.batch_size}))
+            self.runner.warmup(range(1, self.batch_size + 1))  # the buffer hands over any size up to it
         except BaseException:  # a backend that cannot run: close what was opened, keep nothing half-written
             self.runner.close()
             self._close_sinks(failed=True)

@@ -186,7 +186,7 @@ class CallLog(ParallelSlowBackend):
         return super().infer(batch)
 
 
-@pytest.mark.parametrize("mode, sizes", [(Mode.LIVE, [1]), (Mode.RECORDED, [1, 4])])
+@pytest.mark.parametrize("mode, sizes", [(Mode.LIVE, [1]), (Mode.RECORDED, [1, 2, 3, 4])])
 def test_every_worker_is_warmed_up_for_each_batch_size_before_the_first_frame(rt_tiny_segmenter, mode, sizes):
     """A first call allocates; on a live stream it would make the first frames late."""
     backend = CallLog(rt_tiny_segmenter)
