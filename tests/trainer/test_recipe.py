@@ -30,7 +30,7 @@ def test_round_trip_through_toml(tmp_path):
     (["steps=abc"], "steps: Input should be a valid integer"),
     (["steps=0"], "steps: Input should be greater than or equal to 1"),
     (["data.5.weight=1"], "data has 2 entries, no '5'"),
-    (["model.preset=huge"], "model.preset: Input should be 'compact', 'sd' or 'tiny'"),
+    (["model.preset=huge"], "model.preset: Input should be 'compact', 'large', 'sd' or 'tiny'"),
     (["model.overrides.focus_prob=0.3"], "model.overrides sets ['focus_prob']"),
     (["model.overrides.unet_channels=3"], "unknown key 'unet_channels'"),
     (["split.policy=holdout-source", "split.holdout=elsewhere"], "split.holdout 'elsewhere' names no data source"),

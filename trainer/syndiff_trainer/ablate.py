@@ -231,7 +231,7 @@ def markdown_table(summary: dict) -> str:
     sources = sorted({n for r in summary["rows"] for n in r.get("by_source", {})})
     lines = [f"# Ablations of {summary['recipe']}: {how}, "
              f"{summary['images']} real images, {summary['steps']} training steps, seed {summary['seed']}", "",
-             "Each row changes one thing from the first. Dice: mean ± std over folds; CI: 95 % bootstrap over "
+             "Each row changes one thing from the first. Dice: mean (± std over folds, with several); CI: 95 % bootstrap over "
              "groups of every held-out image; per source: mean (CI). Small polyps: found (>= half covered) of "
              "those under 2 % of the frame.", "",
              "| Configuration | Dice (%) | Dice 95 % CI (%) | " + "".join(f"{n} Dice (%) | " for n in sources)
@@ -242,10 +242,13 @@ def markdown_table(summary: dict) -> str:
             per = "".join(f"{100 * r['by_source'][n]['dice_mean']:.1f} ({100 * r['by_source'][n]['dice_ci'][0]:.1f}-"
                           f"{100 * r['by_source'][n]['dice_ci'][1]:.1f}) | " if n in r.get("by_source", {}) else "- | "
                           for n in sources)
-            lines.append(f"| {r['label']} | {100 * r['dice_mean']:.1f} ± {100 * r['dice_std']:.1f} | "
+            many = summary["folds"] > 1  # one run has no spread to show
+            spread = f" ± {100 * r['dice_std']:.1f}" if many else ""
+            iou_spread = f" ± {100 * r['iou_std']:.1f}" if many else ""
+            lines.append(f"| {r['label']} | {100 * r['dice_mean']:.1f}{spread} | "
                          f"{100 * r['dice_ci'][0]:.1f}-{100 * r['dice_ci'][1]:.1f} | {per}"
                          f"{r.get('small_polyps_found', 0)} of {r.get('small_polyps', 0)} | "
-                         f"{100 * r['iou_mean']:.1f} ± {100 * r['iou_std']:.1f} | {len(r['folds'])} |")
+                         f"{100 * r['iou_mean']:.1f}{iou_spread} | {len(r['folds'])} |")
         else:
             lines.append(f"| {r['label']} | not run | not run | " + "not run | " * len(sources) + "not run | not run | 0 |")
     notes = [f"- {r['label']}: {r['skipped']}" for r in summary["rows"] if r.get("skipped")]
