@@ -55,6 +55,19 @@ def time_steps(seg: Segmenter, x: torch.Tensor, steps: int, repeats: int = 1, wa
     return repeats * len(x) / (time.perf_counter() - start)
 
 
+def _check_comparison(images: list, rounds: int) -> None:
+    if not images:
+        raise ValueError("the source gave no frames to compare on")
+    if rounds < 1:
+        raise ValueError(f"--compare-rounds must be >= 1, got {rounds}")
+
+
+def _median_ratio(a, b, digits: int) -> tuple[float, list[float]]:
+    """Per-round ratios a / b of interleaved timings: their median, and their range."""
+    ratios = np.array(a) / np.array(b)
+    return round(float(np.median(ratios)), digits), [round(float(ratios.min()), digits), round(float(ratios.max()), digits)]
+
+
 def compare_step_counts(seg: Segmenter, source: Source, steps: int, frames: int = 3, rounds: int = 5) -> dict:
     """Single step vs `steps`-step DDIM on the same frames, both eager PyTorch, in this run.
 
@@ -64,10 +77,7 @@ def compare_step_counts(seg: Segmenter, source: Source, steps: int, frames: int 
     size = seg.config.image_size
     images = [f.image for f in islice(source, frames)]
     source.close()
-    if not images:
-        raise ValueError("the source gave no frames to compare on")
-    if rounds < 1:
-        raise ValueError(f"--compare-rounds must be >= 1, got {rounds}")
+    _check_comparison(images, rounds)
     device = next(seg.parameters()).device
     x = torch.from_numpy(np.stack([prepare(im, size)[0] for im in images])).to(device)
     time_steps(seg, x[:1], 1, repeats=2)  # warm-up of both paths, untimed
@@ -76,11 +86,10 @@ def compare_step_counts(seg: Segmenter, source: Source, steps: int, frames: int 
     for _ in range(rounds):
         single.append(time_steps(seg, x, 1, repeats=5, warmup=False))
         multi.append(time_steps(seg, x, steps, warmup=False))
-    ratios = np.array(single) / np.array(multi)
+    speedup, spread = _median_ratio(single, multi, 2)
     return {"compare_steps": steps, "compare_backend": "eager", "compare_frames": len(images),
             "compare_repeats": rounds, "single_step_fps": round(float(np.median(single)), 2),
-            "multistep_fps": round(float(np.median(multi)), 3), "speedup": round(float(np.median(ratios)), 2),
-            "speedup_range": [round(float(ratios.min()), 2), round(float(ratios.max()), 2)]}
+            "multistep_fps": round(float(np.median(multi)), 3), "speedup": speedup, "speedup_range": spread}
 
 
 def compare_models(backends: dict[str, Backend], source: Source, frames: int = 8, rounds: int = 5) -> dict:
@@ -92,10 +101,7 @@ def compare_models(backends: dict[str, Backend], source: Source, frames: int = 8
     median ms per frame and its ratio to the first (the benchmarked) model, ratio range."""
     images = list(islice(source, frames))
     source.close()
-    if not images:
-        raise ValueError("the source gave no frames to compare on")
-    if rounds < 1:
-        raise ValueError(f"--compare-rounds must be >= 1, got {rounds}")
+    _check_comparison(images, rounds)
     stages = {name: Stages(b) for name, b in backends.items()}
     prepared = {name: [st.preprocess(f) for f in images] for name, st in stages.items()}
     try:
@@ -116,10 +122,9 @@ def compare_models(backends: dict[str, Backend], source: Source, frames: int = 8
     first = next(iter(times))
     out = {}
     for name, ms in times.items():
-        ratios = np.array(ms) / np.array(times[first])
+        ratio, spread = _median_ratio(ms, times[first], 3)
         out[name] = {"params": backends[name].seg.num_parameters(), "ms_per_frame": round(float(np.median(ms)), 2),
-                     "ratio": round(float(np.median(ratios)), 3),
-                     "ratio_range": [round(float(ratios.min()), 3), round(float(ratios.max()), 3)]}
+                     "ratio": ratio, "ratio_range": spread}
     return {"compare_models": out, "compare_models_frames": len(images), "compare_models_rounds": rounds}
 
 

@@ -169,17 +169,24 @@ def fold_table(results: list[dict], title: str = "") -> str:
     return "\n".join(lines).strip() + "\n"
 
 
+def recorded_sources(model_dir: Path) -> dict[str, dict]:
+    """The folders a checkpoint trained from, by resolved path, each with its manifest entry
+    (name, grouping); {} for a checkpoint without a manifest."""
+    manifest = Path(model_dir) / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    return {str(Path(src["path"]).resolve()): src for src in json.loads(manifest.read_text())["sources"]}
+
+
 def load_eval_data(data: list[str], model_dir: Path, split_file: Path | None, split: str, subset: str | None,
                    size: int, warn, skip_unpaired: bool = False) -> ArrayDataset:
     """Sources named NAME=PATH (or PATH: named as the checkpoint's manifest names that folder, else by
     folder name), cut to one side of the checkpoint's recorded split (or --split-file)."""
     model_dir = Path(model_dir)
     recorded = model_dir / "split.json"
-    manifest_names, grouping = {}, {}
-    if (model_dir / "manifest.json").is_file():
-        for src in json.loads((model_dir / "manifest.json").read_text())["sources"]:
-            manifest_names[str(Path(src["path"]).resolve())] = src["name"]
-            grouping[src["name"]] = src.get("grouping", "none")
+    trained_from = recorded_sources(model_dir)
+    manifest_names = {path: src["name"] for path, src in trained_from.items()}
+    grouping = {src["name"]: src.get("grouping", "none") for src in trained_from.values()}
     threshold = load_recipe(model_dir / "recipe.toml").split.phash_threshold if (model_dir / "recipe.toml").is_file() else 5
     try:
         parts = []

@@ -225,17 +225,18 @@ def held_out(clips: list[Clip], folder: str | Path, model_dir: Path) -> tuple[li
     frames; a checkpoint without them cannot tell, which the line says."""
     import json
 
-    manifest, split = model_dir / "manifest.json", model_dir / "split.json"
-    if not manifest.is_file() or not split.is_file():
+    from .evaluate import recorded_sources
+
+    split = model_dir / "split.json"
+    if not (model_dir / "manifest.json").is_file() or not split.is_file():
         return clips, (f"{model_dir.name} records no training manifest: if it trained on these frames, "
                        "the scores are inflated")
-    folder = str(Path(folder).resolve())
-    names = [s["name"] for s in json.loads(manifest.read_text())["sources"] if str(Path(s["path"]).resolve()) == folder]
-    if not names:
+    source = recorded_sources(model_dir).get(str(Path(folder).resolve()))
+    if source is None:
         return clips, ""
     recorded = json.loads(split.read_text())
     trained = set(recorded.get("train", [])) | set(recorded.get("select", []))
-    keep = [c for c in clips if not any(f"{names[0]}/{stem}" in trained for stem in c.stems)]
+    keep = [c for c in clips if not any(f"{source['name']}/{stem}" in trained for stem in c.stems)]
     return keep, (f"scoring the {len(keep)} of {len(clips)} clips that {model_dir.name} never trained on "
                   f"(its split.json); --split all scores every clip, training frames included")
 
