@@ -21,7 +21,8 @@ from syndiff_stream.backends import EagerBackend  # noqa: E402
 def test_device_check_runs_on_cpu(rt_tiny_model_dir, tmp_path):
     done = subprocess.run([sys.executable, str(TOOLS / "device_check.py"), "--device", "cpu", "--model",
                            str(rt_tiny_model_dir), "--sizes", "90x72", "--variants", "eager:fp32", "--frames", "3",
-                           "--parity-frames", "2", "--live-fps", "50", "--out", str(tmp_path / "r.json")],
+                           "--parity-frames", "2", "--live-fps", "50", "--presets", "tiny", "--preset-iters", "2",
+                           "--out", str(tmp_path / "r.json")],
                           capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -32,6 +33,8 @@ def test_device_check_runs_on_cpu(rt_tiny_model_dir, tmp_path):
     assert row["parity_dice_min"] == 1.0  # the reference path itself: identical masks
     assert set(row["live_latency_ms"]) == {"p50", "p95", "p99"} and row["live_frames"] == 3
     assert {"recorded_e2e_fps", "recorded_model_fps", "plain_loop_fps"} <= set(row)
+    (preset,) = report["presets"]
+    assert preset["preset"] == "tiny" and preset["params"] > 0 and preset["fp32_ms_median"] > 0
 
 
 class Inverted(EagerBackend):

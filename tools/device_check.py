@@ -11,6 +11,8 @@ For every frame size and variant (backend x precision) it measures, on the demo 
               infer, download, one frame at a time), after warm-up, the device synchronised
   live        capture-to-mask latency p50/p95/p99 and drops in live mode, batch 1, the source paced
               at --live-fps
+  presets     (--presets) model time alone per preset, batch 1, fp32 and fp16: the Pareto table's
+              GPU column
 Variants: eager | compile (inductor) | cudagraphs (inductor, mode reduce-overhead: CUDA graphs),
 each at fp32 | fp16 | bf16 (autocast). TensorRT is not measured: its libraries are too large to
 carry to a lent device. Prints one JSON object; exit status 1 when any parity is below 0.99.
@@ -108,6 +110,30 @@ def measure(spec: str, seg: Segmenter, device: str, size, reference: list[np.nda
     }
 
 
+def preset_model_ms(preset: str, device: str, iters: int) -> dict:
+    """Model time of one frame (batch 1, input already on the device) of a freshly initialised
+    preset: speed does not depend on the weights, so presets without a trained checkpoint are timed
+    too (the Pareto table's GPU column)."""
+    from syndiff_stream.model import preset_config
+
+    seg = Segmenter(preset_config(preset))
+    row = {"preset": preset, "params": seg.num_parameters(), "input_size": seg.config.image_size}
+    for spec in ("eager:fp32", "eager:fp16"):
+        backend = make_variant(spec, seg, device)
+        x = torch.zeros(1, 3, seg.config.image_size, seg.config.image_size, device=backend.device)
+        times = []
+        with torch.inference_mode():
+            for i in range(iters + 10):  # ten warm-up passes
+                sync(backend.device)
+                start = time.perf_counter()
+                backend.infer(x)
+                sync(backend.device)
+                if i >= 10:
+                    times.append(time.perf_counter() - start)
+        row[f"{spec.split(':')[1]}_ms_median"] = round(float(np.median(times)) * 1000, 3)
+    return row
+
+
 def parse_size(text: str) -> tuple[int, int]:
     w, _, h = text.partition("x")
     return int(h), int(w)  # (H, W) from WxH
@@ -122,12 +148,18 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=300, help="frames per throughput and latency run")
     parser.add_argument("--parity-frames", type=int, default=16, help="frames compared with CPU eager")
     parser.add_argument("--live-fps", type=float, default=60.0, help="pace of the live source")
+    parser.add_argument("--presets", default="", help="also time these presets' model alone, e.g. tiny,compact,large")
+    parser.add_argument("--preset-iters", type=int, default=200, help="timed passes per preset and precision")
     parser.add_argument("--out", default=None, help="also write the JSON report here")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     default = ("eager:fp32,eager:fp16,eager:bf16,compile:fp32,compile:fp16,cudagraphs:fp16" if device != "cpu"
                else "eager:fp32,eager:bf16,compile:fp32")
     seg = Segmenter.from_pretrained(args.model)
+    presets = []
+    for preset in filter(None, args.presets.split(",")):
+        presets.append(preset_model_ms(preset, device, args.preset_iters))
+        print(json.dumps(presets[-1]), file=sys.stderr, flush=True)
     rows = []
     for size in map(parse_size, args.sizes.split(",")):
         reference = masks_through_chain(EagerBackend(Segmenter.from_pretrained(args.model), "cpu"), size,
@@ -138,7 +170,7 @@ def main(argv=None) -> int:
     report = {"device": device_name(torch.device(device)), "torch": torch.__version__,
               "cuda": torch.version.cuda, "model_params": seg.num_parameters(), "input_size": seg.config.image_size,
               "targets_h100": TARGETS, "tensorrt": "not measured: TensorRT's libraries are too large to carry",
-              "parity_ok": all(r["parity_ok"] for r in rows), "rows": rows}
+              "parity_ok": all(r["parity_ok"] for r in rows), "presets": presets, "rows": rows}
     text = json.dumps(report)
     if args.out:
         with open(args.out, "w") as f:

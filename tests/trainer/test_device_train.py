@@ -1,16 +1,21 @@
-"""The GPU training script, run here on the CPU so it cannot rot: pack, run, unpack, load."""
+"""The GPU lease script, run here on the CPU so it cannot rot: pack, one run, the whole session, unpack."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import cv2
+import torch
+from safetensors.torch import load_file
 
 from syndiff_stream.model import Segmenter
 
 SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "device_train.py"
 
 
-def test_pack_run_unpack_round_trip_on_cpu(kvasir_subset, tmp_path):
+def tiny_recipe_file(tmp_path, data):
     recipe = tmp_path / "r.toml"
     recipe.write_text(f'''version = 1
 steps = 2
@@ -22,23 +27,52 @@ log_every = 1
 preset = "tiny"
 [[data]]
 name = "kvasir"
-path = "{kvasir_subset}"
+path = "{data}"
 groups = "none"
 [split]
 val_fraction = 0.25
+[optim]
+warmup_steps = 1
 [stage1]
 steps = 2
 batch_size = 2
 ''')
-    env = {**os.environ, "SYNDIFF_DEVICE_PACK": str(tmp_path / "pack"), "TMPDIR": str(tmp_path)}
-    run = lambda *a: subprocess.run([sys.executable, str(SCRIPT), *map(str, a)], env=env, check=True,  # noqa: E731
-                                    capture_output=True, text=True)
+    return recipe
+
+
+def script(tmp_path):
+    env = {**os.environ, "SYNDIFF_DEVICE_PACK": str(tmp_path / "pack"), "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    return lambda *a: subprocess.run([sys.executable, str(SCRIPT), *map(str, a)], env=env, check=True,
+                                     capture_output=True, text=True, timeout=600)
+
+
+def test_pack_then_run_on_cpu(kvasir_subset, tmp_path):
+    run, recipe = script(tmp_path), tiny_recipe_file(tmp_path, kvasir_subset)
     run("pack", "--recipe", recipe, "--no-wheels")
     packed = sorted((tmp_path / "pack" / "data" / "kvasir" / "images").iterdir())
     assert len(packed) == 8 and all(p.suffix == ".jpg" for p in packed)
-    run("run", "--recipe", recipe, "--device", "cpu", "--out", tmp_path / "out")
-    parts = sorted((tmp_path / "out" / "model").glob("model.safetensors.part*"))
-    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
-    assert (tmp_path / "out" / "model" / "recipe.toml").read_text().count(str(tmp_path / "pack")) == 1
-    run("unpack", tmp_path / "out" / "model", tmp_path / "ckpt")
-    assert Segmenter.from_pretrained(tmp_path / "ckpt").config.image_size == 64
+    assert cv2.imread(str(packed[0])).shape == (64, 64, 3)  # at the training resolution: small enough to travel
+    run("run", "--recipe", recipe, "--device", "cpu", "--out", tmp_path / "out", "--half")
+    out = tmp_path / "out"
+    assert (out / "recipe.toml").read_text().count(str(tmp_path / "pack")) == 1  # trained on the pack
+    assert all((out / n).is_file() for n in ("manifest.json", "split.json", "run.json", "log.jsonl"))
+    assert Segmenter.from_pretrained(out).config.image_size == 64
+
+
+def test_the_whole_session_on_cpu_returns_runs_and_the_device_check(kvasir_subset, rt_tiny_model_dir, tmp_path):
+    run, recipe = script(tmp_path), tiny_recipe_file(tmp_path, kvasir_subset)
+    run("pack", "--recipe", recipe, "--no-wheels")
+    done = run("session", "--out", tmp_path / "OUT", "--recipe", recipe, "--runs", "default,seed-1", "--split", "",
+               "--device", "cpu", "--budget", "120", "--check-args",
+               f"--model {rt_tiny_model_dir} --sizes 90x72 --variants eager:fp32 --frames 2 --parity-frames 1 "
+               "--presets tiny --preset-iters 2")
+    returned = sorted(p.name for p in (tmp_path / "OUT").iterdir())
+    assert returned == ["device-check.json", "device-check.log", "runs.tar.part0", "session.log"], done.stdout
+    assert json.loads((tmp_path / "OUT" / "device-check.json").read_text())["presets"][0]["preset"] == "tiny"
+    run("unpack", tmp_path / "OUT", tmp_path / "runs")
+    for name in ("default", "seed-1"):
+        assert {v.dtype for v in load_file(tmp_path / "runs" / name / "model.safetensors").values()} <= {
+            torch.float32, torch.int64}  # fp16 on the way, fp32 again on disk
+        assert Segmenter.from_pretrained(tmp_path / "runs" / name).config.image_size == 64
+        assert "seed = 1" in (tmp_path / "runs" / name / "recipe.toml").read_text().splitlines() or name == "default"
+        assert (tmp_path / "runs" / f"{name}.out").is_file()

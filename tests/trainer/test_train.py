@@ -135,3 +135,39 @@ def test_eval_warns_when_the_checkpoint_records_no_split(kvasir_40, tmp_path):
 def test_eval_names_a_bad_checkpoint(kvasir_40, tmp_path):
     result = CliRunner().invoke(app, ["eval", "--data", str(kvasir_40), "--model", str(tmp_path / "none")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_plan_steps_fits_whole_validation_intervals_into_the_time_left():
+    from syndiff_trainer.train import plan_steps
+
+    recipe = tiny_recipe(("kvasir", "unused", "none"), sets=["steps=10000", "val_every=500", "optim.warmup_steps=300"])
+    # 200 steps to the first validation (4 s), then intervals of 500 x 0.02 x 1.2 + 2 s = 14 s
+    assert plan_steps(recipe, 300, 0.02, 2.0, 4 + 6 * 14 + 1) == 3000
+    assert plan_steps(recipe, 300, 0.001, 0.0, 1e6) == 10000  # never longer than the recipe
+    assert plan_steps(recipe, 300, 1.0, 2.0, 10) == 301  # no time at all: past warm-up, not zero
+
+
+def test_a_time_budget_run_is_the_run_its_recorded_recipe_makes(kvasir_40, tmp_path, monkeypatch):
+    import syndiff_trainer.train as train
+
+    recipe = tiny_recipe(("kvasir", kvasir_40, "phash"), sets=["steps=40", "val_every=4", "optim.warmup_steps=4"])
+    monkeypatch.setattr(train, "plan_steps", lambda *a: 8)  # as if 8 steps were all the budget allowed
+    budgeted = fit(recipe, options(tmp_path / "budget", tmp_path, time_budget_s=3600))
+    assert budgeted["step"] == 8
+    recorded = train.load_run_recipe(tmp_path / "budget" / "model")
+    assert recorded.steps == 8
+    events = [json.loads(line) for line in (tmp_path / "budget" / "log.jsonl").read_text().splitlines()]
+    assert {"event": "time budget", "step": 4, "steps": 8, "budget_s": 3600} in [
+        {k: v for k, v in e.items() if k != "wall_s"} for e in events]
+    plain = fit(recorded, options(tmp_path / "plain", tmp_path))
+    wa = load_file(f"{budgeted['model']}/model.safetensors")
+    wb = load_file(f"{plain['model']}/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the shortened schedule is exactly the shorter recipe's
+
+
+def test_a_run_out_of_time_stops_and_keeps_a_checkpoint(kvasir_40, tmp_path):
+    recipe = tiny_recipe(("kvasir", kvasir_40, "phash"), sets=["steps=40", "val_every=10", "optim.warmup_steps=4"])
+    result = fit(recipe, options(tmp_path / "late", tmp_path, time_budget_s=0.001))
+    assert result["stopped_at"] == 1  # the deadline had passed before the first step ended
+    assert json.loads((tmp_path / "late" / "last" / "config.json").read_text())["step"] == 1
+    assert "out of time" in (tmp_path / "late" / "log.jsonl").read_text()

@@ -75,6 +75,8 @@ class RunOptions(BaseModel):
     # micro-batches per step and process: the recipe's batch_size stays the global batch
     grad_accum: int = Field(1, ge=1)
     precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
+    # Wall-clock seconds the whole run may take (a lent GPU's minutes): see `plan_steps`.
+    time_budget_s: float | None = Field(None, gt=0)
 
 
 def autocast(device: torch.device, precision: str):
@@ -267,12 +269,27 @@ def _build_model(recipe: Recipe, device) -> tuple[Segmenter, bool]:
 
 # ---- stage 2 ---------------------------------------------------------------------------------
 
+def plan_steps(recipe: Recipe, step: int, sec_per_step: float, sec_per_validation: float, seconds_left: float) -> int:
+    """Stage-2 length that fits `seconds_left`, in whole validation intervals, never above the recipe's.
+
+    Decided at the end of warm-up: until then the learning rate does not depend on the total, and
+    batches and noise depend on (seed, step) alone, so the run is the one a recipe with that many
+    steps would have made, and its recorded recipe says so (`reproduce` reruns it)."""
+    per_interval = recipe.val_every * sec_per_step * 1.2 + sec_per_validation  # 20 %: neighbours may speed up or slow down
+    intervals = int(max(0.0, seconds_left - (recipe.val_every - step % recipe.val_every) * sec_per_step) // per_interval)
+    fitted = (step // recipe.val_every + intervals) * recipe.val_every
+    return max(min(recipe.steps, fitted), recipe.optim.warmup_steps + 1, step + 1)
+
+
 def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
     """Train (or resume) a recipe into `opts.out`; returns where the model is and its scores (on
     the main process; None on the others under `accelerate launch`)."""
     out = Path(opts.out)
     _check_inputs(recipe)
+    deadline = time.time() + opts.time_budget_s if opts.time_budget_s else None
     world = World.start(opts.device)
+    if deadline and world.size > 1:
+        raise RecipeError("--time-budget: plans one process's run; under `accelerate launch` set steps instead")
     mine, micro = world.micro_batches(recipe.batch_size, opts.grad_accum)
     device = world.device
     if opts.threads:
@@ -342,6 +359,9 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
     latent = tuple(model.inference_noise.shape[1:])
     stop = min(recipe.steps, opts.stop_at or recipe.steps)
     t_steps, n_steps = 0.0, 0
+    replan_at = max(1, recipe.optim.warmup_steps) if deadline and step < recipe.optim.warmup_steps else None
+    timed_from = max(step + 1, (replan_at or 0) // 5)  # the first steps pay for allocation and autotuning
+    t_timed, step_timed = time.time(), step
     with _progress(progress) as bar, ThreadPoolExecutor(1) as loader:
         task = bar.add_task("stage 2: segmenter", total=recipe.steps, completed=step, info="")
         pending = loader.submit(sampler.batch, step, mine) if step < stop else None
@@ -373,12 +393,32 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
             ema.step(params)
             step += 1
             t_steps, n_steps = t_steps + time.time() - t0, n_steps + 1
+            if step == timed_from and step < (replan_at or 0):
+                t_timed, step_timed = time.time(), step
+            if step == replan_at:
+                sec_per_step = (time.time() - t_timed) / (step - step_timed)
+                t_val = time.time()
+                validation_metrics(ema_model(), val, "val")  # what each validation will cost
+                t_val = time.time() - t_val
+                steps = plan_steps(recipe, step, sec_per_step, t_val, deadline - time.time())
+                if steps != recipe.steps:
+                    recipe = recipe.model_copy(update={"steps": steps})
+                    write_text(out / RECIPE_NAME, recipe.to_toml())
+                    sched = make_sched(opt, recipe.optim.warmup_steps, steps, last_epoch=step - 1) \
+                        if recipe.optim.schedule == "cosine" else sched
+                    log({"event": "time budget", "step": step, "steps": steps, "budget_s": opts.time_budget_s})
+                    say(f"time budget {opts.time_budget_s:.0f} s: {steps} steps instead of the recipe's {stop}")
+                    bar.update(task, total=steps)
+                stop = min(recipe.steps, opts.stop_at or recipe.steps)
+            if deadline and time.time() > deadline and step < stop:  # the plan was wrong: keep what there is
+                log({"event": "out of time", "step": step, "steps": recipe.steps})
+                stop = step
             info = f"loss {losses['loss'].item():.4f}"
             row = None
             if step % recipe.log_every == 0:
                 row = {"stage": 2, "step": step, "lr": lr, **{k: round(v.item(), 6) for k, v in losses.items()},
                        "sec_per_step": round(t_steps / max(1, n_steps), 4)}
-            if world.is_main and (step % recipe.val_every == 0 or step == recipe.steps):
+            if world.is_main and (step % recipe.val_every == 0 or step == recipe.steps or step == stop):
                 scored = ema_model()
                 metrics = {**validation_metrics(scored, val, "val"), **validation_metrics(scored, select, "select")}
                 digest = weights_digest(scored)
