@@ -20,7 +20,6 @@ from .frames import LivePolicy, Mode
 from .model import Segmenter
 from .pipeline import Pipeline
 from .preprocess import prepare
-from .publish import Publisher
 from .smoothing import SmoothingConfig, evaluate_smoothing
 from .sources import Source
 from .stages import Stages
@@ -133,6 +132,8 @@ def run_benchmark(seg: Segmenter, backend: Backend, make_source: Callable[[], So
                   compare_frames: int = 3, compare_rounds: int = 5, smoothing: SmoothingConfig | None = None,
                   live: LivePolicy | None = None, compare_backends: dict[str, Backend] | None = None) -> dict:
     """One JSON-ready dict; `make_source` is called once per measurement (each needs fresh frames)."""
+    from .publish import Publisher  # here: the timing helpers above serve hosts without ZeroMQ (a lent GPU)
+
     source = make_source()
     pipeline = Pipeline(source, backend, [Publisher("tcp://127.0.0.1:*")], mode=mode,
                         batch_size=batch_size, max_frames=frames, live=live)

@@ -119,7 +119,8 @@ def to_half(model_dir: Path) -> None:
     save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, str(path))
 
 
-def run(recipe_name: str, sets: list[str], out: Path, device: str, time_budget: float | None, half: bool) -> None:
+def run(recipe_name: str, sets: list[str], out: Path, device: str, time_budget: float | None, half: bool,
+        loader_workers: int = 1) -> None:
     install_wheels()
     from syndiff_trainer.recipe import load_recipe
     from syndiff_trainer.train import RunOptions, fit
@@ -130,7 +131,8 @@ def run(recipe_name: str, sets: list[str], out: Path, device: str, time_budget: 
     recipe = load_recipe(recipe_name, [*sets, *paths])
     run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"device-run-{out.name}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    result = fit(recipe, RunOptions(out=str(run_dir), device=device, progress=False, time_budget_s=time_budget))
+    result = fit(recipe, RunOptions(out=str(run_dir), device=device, progress=False, time_budget_s=time_budget,
+                                    loader_workers=loader_workers))
     print(json.dumps(result), flush=True)
     chosen = run_dir / ("model" if (run_dir / "model").is_dir() else "last")  # `last` when out of time
     shutil.rmtree(out, ignore_errors=True)
@@ -164,12 +166,14 @@ def session(out: Path, budget: float, check_timeout: float, runs: list[str], rec
     install_wheels()
     say(f"wheels in; runs {runs}, budget {budget:.0f} s each")
     procs = {}
-    threads = max(1, (os.cpu_count() or 4) // max(1, len(runs)) - 1)
+    cores = max(2, (os.cpu_count() or 4) // len(runs))  # each run: half its cores prepare batches
+    threads, workers = max(1, cores // 2 - 1), max(1, cores // 2)
     split_sets = ['split.policy="file"', f'split.file="{Path(split).resolve()}"'] if split else []
     for name in runs:
         run_sets = [*sets, *SESSION_RUNS[name], *split_sets]
         cmd = [sys.executable, __file__, "run", "--recipe", recipe, "--device", device, "--out", str(staging / name),
-               "--half", "--time-budget", str(budget), *[a for s in run_sets for a in ("--set", s)]]
+               "--half", "--time-budget", str(budget), "--loader-workers", str(workers),
+               *[a for s in run_sets for a in ("--set", s)]]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TMPDIR": str(staging)}
         procs[name] = subprocess.Popen(cmd, stdout=(staging / f"{name}.out").open("w"), stderr=subprocess.STDOUT,
                                        env=env)
@@ -240,6 +244,7 @@ def main() -> None:
     r.add_argument("--device", default="cuda")
     r.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
     r.add_argument("--half", action="store_true", help="weights in fp16")
+    r.add_argument("--loader-workers", type=int, default=1, help="threads preparing batches ahead")
     s = sub.add_parser("session")
     s.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device-out")))
     s.add_argument("--budget", type=float, default=350, help="seconds each training run may take")
@@ -259,7 +264,7 @@ def main() -> None:
     if args.cmd == "pack":
         pack(args.recipe, args.sets, not args.no_wheels)
     elif args.cmd == "run":
-        run(args.recipe, args.sets, args.out, args.device, args.time_budget, args.half)
+        run(args.recipe, args.sets, args.out, args.device, args.time_budget, args.half, args.loader_workers)
     elif args.cmd == "session":
         sys.exit(session(args.out, args.budget, args.check_timeout, args.runs.split(","), args.recipe, args.sets,
                          args.split, args.device, args.check_args.split()))

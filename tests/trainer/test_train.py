@@ -171,3 +171,10 @@ def test_a_run_out_of_time_stops_and_keeps_a_checkpoint(kvasir_40, tmp_path):
     assert result["stopped_at"] == 1  # the deadline had passed before the first step ended
     assert json.loads((tmp_path / "late" / "last" / "config.json").read_text())["step"] == 1
     assert "out of time" in (tmp_path / "late" / "log.jsonl").read_text()
+
+
+def test_more_loader_threads_give_the_same_weights(two_source_recipe, tmp_path):
+    one = fit(two_source_recipe, options(tmp_path / "one", tmp_path))
+    three = fit(two_source_recipe, options(tmp_path / "three", tmp_path, loader_workers=3))
+    wa, wb = load_file(f"{one['model']}/model.safetensors"), load_file(f"{three['model']}/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

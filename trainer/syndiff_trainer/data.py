@@ -10,9 +10,11 @@ Kvasir-SEG near-copies) and no split ever puts one group on both sides.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -404,6 +406,7 @@ class BatchSampler:
     def __init__(self, ds: ArrayDataset, batch_size: int, seed: int, augment=None,
                  source_weights: dict[str, float] | None = None, image_weights: np.ndarray | None = None):
         self.ds, self.batch_size, self.seed, self.augment = ds, batch_size, seed, augment
+        self._local = threading.local()  # one copy of the augmenter per loader thread: it holds its seed
         sources = ds.sources
         counts = {s: sources.count(s) for s in set(sources)}
         w = np.array([(source_weights or {}).get(s, 1.0) / counts[s] for s in sources], dtype=np.float64)
@@ -427,10 +430,13 @@ class BatchSampler:
         idx = self.indices(step)[slots]
         images, masks = self.ds.images[idx], self.ds.masks[idx].astype(np.uint8)
         if self.augment is not None:
+            augment = getattr(self._local, "augment", None)
+            if augment is None:
+                augment = self._local.augment = copy.deepcopy(self.augment)
             out_i, out_m = [], []
             for slot, (image, mask) in enumerate(zip(images, masks), start=first):
-                self.augment.set_random_seed(sample_seed(self.seed, step, slot))
-                res = self.augment(image=image, mask=mask)
+                augment.set_random_seed(sample_seed(self.seed, step, slot))
+                res = augment(image=image, mask=mask)
                 out_i.append(res["image"])
                 out_m.append(res["mask"])
             images, masks = np.stack(out_i), np.stack(out_m)

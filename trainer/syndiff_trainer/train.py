@@ -75,6 +75,8 @@ class RunOptions(BaseModel):
     # micro-batches per step and process: the recipe's batch_size stays the global batch
     grad_accum: int = Field(1, ge=1)
     precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
+    # threads preparing batches ahead (a GPU outruns one); batches are the same for any number
+    loader_workers: int = Field(1, ge=1)
     # Wall-clock seconds the whole run may take (a lent GPU's minutes): see `plan_steps`.
     time_budget_s: float | None = Field(None, gt=0)
 
@@ -337,7 +339,9 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
     torch.manual_seed(recipe.seed)
     opt = torch.optim.AdamW(params, lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay,
                             betas=recipe.optim.betas)
-    ema = EMAModel(params, decay=recipe.ema.decay)
+    # foreach: a few fused kernels instead of several per tensor; CPU runs keep the per-tensor
+    # arithmetic their recorded digests were made with
+    ema = EMAModel(params, decay=recipe.ema.decay, foreach=device.type == "cuda")
     step, best = 0, -1.0
     if resuming:
         meta = _load_state(state_dir, model, ema, opt)
@@ -362,13 +366,15 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
     replan_at = max(1, recipe.optim.warmup_steps) if deadline and step < recipe.optim.warmup_steps else None
     timed_from = max(step + 1, (replan_at or 0) // 5)  # the first steps pay for allocation and autotuning
     t_timed, step_timed = time.time(), step
-    with _progress(progress) as bar, ThreadPoolExecutor(1) as loader:
+    with _progress(progress) as bar, ThreadPoolExecutor(opts.loader_workers) as loader:
         task = bar.add_task("stage 2: segmenter", total=recipe.steps, completed=step, info="")
-        pending = loader.submit(sampler.batch, step, mine) if step < stop else None
+        # this process's slots of the next batches, prepared while the steps before them run
+        ahead = {s: loader.submit(sampler.batch, s, mine) for s in range(step, min(stop, step + opts.loader_workers))}
         while step < stop:
             t0 = time.time()
-            image, mask = pending.result()  # this process's slots of the global batch
-            pending = loader.submit(sampler.batch, step + 1, mine) if step + 1 < stop else None  # prepared while this step runs
+            image, mask = ahead.pop(step).result()
+            if step + opts.loader_workers < stop:
+                ahead[step + opts.loader_workers] = loader.submit(sampler.batch, step + opts.loader_workers, mine)
             image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             model.train()
             model.mask_vae.eval()
@@ -413,7 +419,7 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
             if deadline and time.time() > deadline and step < stop:  # the plan was wrong: keep what there is
                 log({"event": "out of time", "step": step, "steps": recipe.steps})
                 stop = step
-            info = f"loss {losses['loss'].item():.4f}"
+            info = f"loss {losses['loss'].item():.4f}" if progress else ""  # .item() waits for the GPU
             row = None
             if step % recipe.log_every == 0:
                 row = {"stage": 2, "step": step, "lr": lr, **{k: round(v.item(), 6) for k, v in losses.items()},
