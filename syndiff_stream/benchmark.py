@@ -101,6 +101,8 @@ def compare_models(backends: dict[str, Backend], source: Source, frames: int = 8
     images = list(islice(source, frames))
     source.close()
     _check_comparison(images, rounds)
+    for b in backends.values():  # one call at a time, every thread for it; the pipeline run before
+        b.configure(1)           # may have left the benchmarked backend split into per-core sessions
     stages = {name: Stages(b) for name, b in backends.items()}
     prepared = {name: [st.preprocess(f) for f in images] for name, st in stages.items()}
     try:

@@ -63,6 +63,8 @@ def fit(
     precision: str = typer.Option("auto", metavar="P", help="auto (bf16 autocast on GPU, float32 on CPU), bf16 or no"),
     loader_workers: int = typer.Option(1, metavar="N", help="threads preparing batches ahead (on a GPU one is too "
                                        "few); the batches, and so the weights, are the same for any N"),
+    compile_: str = typer.Option("no", "--compile", metavar="MODE", help="torch.compile the training step: no, "
+                                 "default or reduce-overhead (CUDA graphs); for GPUs, where kernel launches bound a step"),
     time_budget: Optional[float] = typer.Option(None, metavar="SECONDS", help="finish within this wall time: at the "
                                                 "end of warm-up the run measures its pace and shortens its schedule to "
                                                 "fit (recorded in its recipe)"),
@@ -81,7 +83,7 @@ def fit(
     try:
         opts = RunOptions(out=str(out), device=device, threads=threads, stop_at=stop_at, progress=progress,
                           grad_accum=grad_accum, precision=precision, time_budget_s=time_budget,
-                          loader_workers=loader_workers)
+                          loader_workers=loader_workers, compile=compile_)
     except ValidationError as exc:
         _fail(ValueError("--" + validation_message(exc).replace("_", "-")))
     result = _run(run_fit, cfg, opts)

@@ -77,6 +77,9 @@ class RunOptions(BaseModel):
     precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
     # threads preparing batches ahead (a GPU outruns one); batches are the same for any number
     loader_workers: int = Field(1, ge=1)
+    # torch.compile the loss's forward and backward: fewer, fused kernels where launches bound the
+    # step (a lent GPU: docs/training.md); "reduce-overhead" adds CUDA graphs. Changes the last bits.
+    compile: Literal["no", "default", "reduce-overhead"] = "no"
     # Wall-clock seconds the whole run may take (a lent GPU's minutes): see `plan_steps`.
     time_budget_s: float | None = Field(None, gt=0)
 
@@ -271,6 +274,34 @@ def _build_model(recipe: Recipe, device) -> tuple[Segmenter, bool]:
 
 # ---- stage 2 ---------------------------------------------------------------------------------
 
+class TimeBudget:
+    """`--time-budget`: times stage 2 until the end of warm-up, then says how many steps fit."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.deadline = seconds, time.time() + seconds
+        self.plan_at: int | None = None
+
+    def start(self, recipe: Recipe, step: int) -> None:
+        self.plan_at = max(1, recipe.optim.warmup_steps) if step < recipe.optim.warmup_steps else None
+        self.clock_from = max(step + 1, (self.plan_at or 0) // 5)  # the first steps pay for allocation, compilation
+        self.t0, self.step0 = time.time(), step
+
+    def plan_due(self, step: int) -> bool:
+        if step == self.clock_from and step < (self.plan_at or 0):
+            self.t0, self.step0 = time.time(), step
+        return step == self.plan_at
+
+    def plan(self, recipe: Recipe, step: int, validate) -> int:
+        """Steps that fit; `validate()` runs one validation, timed (what each will cost)."""
+        sec_per_step = (time.time() - self.t0) / (step - self.step0)
+        t = time.time()
+        validate()
+        return plan_steps(recipe, step, sec_per_step, time.time() - t, self.deadline - time.time())
+
+    def out_of_time(self) -> bool:
+        return time.time() > self.deadline
+
+
 def plan_steps(recipe: Recipe, step: int, sec_per_step: float, sec_per_validation: float, seconds_left: float) -> int:
     """Stage-2 length that fits `seconds_left`, in whole validation intervals, never above the recipe's.
 
@@ -288,9 +319,9 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
     the main process; None on the others under `accelerate launch`)."""
     out = Path(opts.out)
     _check_inputs(recipe)
-    deadline = time.time() + opts.time_budget_s if opts.time_budget_s else None
+    budget = TimeBudget(opts.time_budget_s) if opts.time_budget_s else None
     world = World.start(opts.device)
-    if deadline and world.size > 1:
+    if budget and world.size > 1:
         raise RecipeError("--time-budget: plans one process's run; under `accelerate launch` set steps instead")
     mine, micro = world.micro_batches(recipe.batch_size, opts.grad_accum)
     device = world.device
@@ -359,13 +390,14 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
     sampler = BatchSampler(train, recipe.batch_size, recipe.seed, build_augmenter(recipe.augment.preset),
                            sources.weights, image_weights=small_polyp_weights(train, recipe.sampling))
     net = world.wrap(TrainStep(model))
+    if opts.compile != "no":
+        net = torch.compile(net, mode=None if opts.compile == "default" else opts.compile, dynamic=False)
     amp = autocast(device, opts.precision)
     latent = tuple(model.inference_noise.shape[1:])
     stop = min(recipe.steps, opts.stop_at or recipe.steps)
     t_steps, n_steps = 0.0, 0
-    replan_at = max(1, recipe.optim.warmup_steps) if deadline and step < recipe.optim.warmup_steps else None
-    timed_from = max(step + 1, (replan_at or 0) // 5)  # the first steps pay for allocation and autotuning
-    t_timed, step_timed = time.time(), step
+    if budget:
+        budget.start(recipe, step)
     with _progress(progress) as bar, ThreadPoolExecutor(opts.loader_workers) as loader:
         task = bar.add_task("stage 2: segmenter", total=recipe.steps, completed=step, info="")
         # this process's slots of the next batches, prepared while the steps before them run
@@ -399,24 +431,18 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
             ema.step(params)
             step += 1
             t_steps, n_steps = t_steps + time.time() - t0, n_steps + 1
-            if step == timed_from and step < (replan_at or 0):
-                t_timed, step_timed = time.time(), step
-            if step == replan_at:
-                sec_per_step = (time.time() - t_timed) / (step - step_timed)
-                t_val = time.time()
-                validation_metrics(ema_model(), val, "val")  # what each validation will cost
-                t_val = time.time() - t_val
-                steps = plan_steps(recipe, step, sec_per_step, t_val, deadline - time.time())
+            if budget and budget.plan_due(step):
+                steps = budget.plan(recipe, step, lambda: validation_metrics(ema_model(), val, "val"))
                 if steps != recipe.steps:
                     recipe = recipe.model_copy(update={"steps": steps})
                     write_text(out / RECIPE_NAME, recipe.to_toml())
                     sched = make_sched(opt, recipe.optim.warmup_steps, steps, last_epoch=step - 1) \
                         if recipe.optim.schedule == "cosine" else sched
-                    log({"event": "time budget", "step": step, "steps": steps, "budget_s": opts.time_budget_s})
-                    say(f"time budget {opts.time_budget_s:.0f} s: {steps} steps instead of the recipe's {stop}")
+                    log({"event": "time budget", "step": step, "steps": steps, "budget_s": budget.seconds})
+                    say(f"time budget {budget.seconds:.0f} s: {steps} steps instead of the recipe's {stop}")
                     bar.update(task, total=steps)
                 stop = min(recipe.steps, opts.stop_at or recipe.steps)
-            if deadline and time.time() > deadline and step < stop:  # the plan was wrong: keep what there is
+            if budget and budget.out_of_time() and step < stop:  # the plan was wrong: keep what there is
                 log({"event": "out of time", "step": step, "steps": recipe.steps})
                 stop = step
             info = f"loss {losses['loss'].item():.4f}" if progress else ""  # .item() waits for the GPU
