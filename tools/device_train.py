@@ -124,7 +124,7 @@ def to_half(model_dir: Path) -> None:
 
 
 def run(recipe_name: str, sets: list[str], out: Path, device: str, time_budget: float | None, half: bool,
-        loader_workers: int = 1, compile_mode: str = "no") -> None:
+        loader_workers: int = 1, compile_mode: str = "no", precision: str = "auto") -> None:
     install_wheels()
     from syndiff_trainer.recipe import load_recipe
     from syndiff_trainer.train import RunOptions, fit
@@ -136,7 +136,7 @@ def run(recipe_name: str, sets: list[str], out: Path, device: str, time_budget: 
     run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"device-run-{out.name}"
     shutil.rmtree(run_dir, ignore_errors=True)
     result = fit(recipe, RunOptions(out=str(run_dir), device=device, progress=False, time_budget_s=time_budget,
-                                    loader_workers=loader_workers, compile=compile_mode))
+                                    loader_workers=loader_workers, compile=compile_mode, precision=precision))
     print(json.dumps(result), flush=True)
     chosen = run_dir / ("model" if (run_dir / "model").is_dir() else "last")  # `last` when out of time
     shutil.rmtree(out, ignore_errors=True)
@@ -149,7 +149,7 @@ def run(recipe_name: str, sets: list[str], out: Path, device: str, time_budget: 
 
 
 def session(out: Path, budget: float, check_timeout: float, runs: list[str], recipe: str, sets: list[str],
-            split: str, device: str, check_args: list[str], compile_mode: str = "no") -> int:
+            split: str, device: str, check_args: list[str], compile_mode: str = "no", precision: str = "auto") -> int:
     """The lease in one call: parallel training runs, then the GPU bench, then the returned files."""
     started = time.time()
     unknown = sorted(set(runs) - set(SESSION_RUNS))
@@ -177,6 +177,7 @@ def session(out: Path, budget: float, check_timeout: float, runs: list[str], rec
         run_sets = [*sets, *SESSION_RUNS[name], *split_sets]
         cmd = [sys.executable, __file__, "run", "--recipe", recipe, "--device", device, "--out", str(staging / name),
                "--half", "--time-budget", str(budget), "--loader-workers", str(workers), "--compile", compile_mode,
+               "--precision", precision,
                *[a for s in run_sets for a in ("--set", s)]]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TMPDIR": str(staging)}
         procs[name] = subprocess.Popen(cmd, stdout=(staging / f"{name}.out").open("w"), stderr=subprocess.STDOUT,
@@ -251,6 +252,8 @@ def main() -> None:
     r.add_argument("--loader-workers", type=int, default=1, help="threads preparing batches ahead")
     r.add_argument("--compile", default="no", choices=["no", "default", "reduce-overhead"],
                    help="torch.compile the training step (fewer kernel launches)")
+    r.add_argument("--precision", default="auto", choices=["auto", "bf16", "no"],
+                   help="auto: bf16 autocast on CUDA (its casts add launches to a launch-bound step)")
     s = sub.add_parser("session")
     s.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device-out")))
     s.add_argument("--budget", type=float, default=350, help="seconds each training run may take")
@@ -263,6 +266,7 @@ def main() -> None:
     s.add_argument("--device", default="cuda")
     s.add_argument("--compile", default="no", choices=["no", "default", "reduce-overhead"],
                    help="every run's training step compiled (on the H200, eager was launch-bound)")
+    s.add_argument("--precision", default="auto", choices=["auto", "bf16", "no"], help="every run's precision")
     # CUDA graphs first: on the H200 eager mode was launch-bound (docs/runtime.md)
     s.add_argument("--check-args", default="--sizes 1920x1080,720x576 --frames 200 --variants cudagraphs:fp16,"
                    "compile:fp16,eager:fp32 --presets tiny,compact,large", help="device_check.py's arguments")
@@ -273,10 +277,11 @@ def main() -> None:
     if args.cmd == "pack":
         pack(args.recipe, args.sets, not args.no_wheels)
     elif args.cmd == "run":
-        run(args.recipe, args.sets, args.out, args.device, args.time_budget, args.half, args.loader_workers, args.compile)
+        run(args.recipe, args.sets, args.out, args.device, args.time_budget, args.half, args.loader_workers, args.compile,
+            args.precision)
     elif args.cmd == "session":
         sys.exit(session(args.out, args.budget, args.check_timeout, args.runs.split(","), args.recipe, args.sets,
-                         args.split, args.device, args.check_args.split(), args.compile))
+                         args.split, args.device, args.check_args.split(), args.compile, args.precision))
     else:
         unpack(args.folder, args.dest)
 
