@@ -145,6 +145,7 @@ def test_plan_steps_fits_whole_validation_intervals_into_the_time_left():
     assert plan_steps(recipe, 300, 0.02, 2.0, 4 + 6 * 14 + 1) == 3000
     assert plan_steps(recipe, 300, 0.001, 0.0, 1e6) == 10000  # never longer than the recipe
     assert plan_steps(recipe, 300, 1.0, 2.0, 10) == 301  # no time at all: past warm-up, not zero
+    assert plan_steps(recipe.model_copy(update={"steps": 300}), 300, 1.0, 2.0, 10) == 300  # nor past the recipe
 
 
 def test_a_time_budget_run_is_the_run_its_recorded_recipe_makes(kvasir_40, tmp_path, monkeypatch):

@@ -311,7 +311,7 @@ def plan_steps(recipe: Recipe, step: int, sec_per_step: float, sec_per_validatio
     per_interval = recipe.val_every * sec_per_step * 1.2 + sec_per_validation  # 20 %: neighbours may speed up or slow down
     intervals = int(max(0.0, seconds_left - (recipe.val_every - step % recipe.val_every) * sec_per_step) // per_interval)
     fitted = (step // recipe.val_every + intervals) * recipe.val_every
-    return max(min(recipe.steps, fitted), recipe.optim.warmup_steps + 1, step + 1)
+    return min(recipe.steps, max(fitted, recipe.optim.warmup_steps + 1, step + 1))
 
 
 def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
