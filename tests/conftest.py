@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from fractions import Fraction
+
+# Inductor (torch.compile on the CPU) imports setuptools for its C++ build; once another test has
+# imported the standard library's distutils, setuptools' own-distutils shim refuses to load, and
+# every later compile fails. Keeping the standard library's distutils avoids that ordering trap.
+os.environ.setdefault("SETUPTOOLS_USE_DISTUTILS", "stdlib")
 
 import numpy as np
 import pytest

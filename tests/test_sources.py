@@ -103,3 +103,14 @@ def test_pseudo_video_over_real_images():
 ])
 def test_is_stream_names_sources_that_deliver_whether_read_or_not(spec, stream):
     assert is_stream(spec) is stream
+
+
+def test_a_looping_demo_replays_its_first_frames_with_fresh_indices():
+    frames = list(DemoSource(size=(48, 64), realtime=False, frames=7, seed=3, loop=3))
+    plain = list(DemoSource(size=(48, 64), realtime=False, frames=3, seed=3))
+    assert [f.index for f in frames] == list(range(7))
+    for i, f in enumerate(frames):
+        assert np.array_equal(f.image, plain[i % 3].image) and np.array_equal(f.truth, plain[i % 3].truth)
+    replay = iter(DemoSource(size=(48, 64), realtime=False, frames=4, seed=3, loop=3))
+    next(replay).image[:] = 0  # a stage drawing on a frame does not change its later replays
+    assert np.array_equal([*replay][-1].image, plain[0].image)
