@@ -19,7 +19,7 @@ allow). `session` is the whole lease in one call, so nothing is lost to a second
      all on the shipped default's validation split, so their scores compare with its card;
   2. tools/device_check.py (GPU bench: parity, recorded and live fps, per-preset model time);
   3. OUT/runs.tar.partN (15 MiB parts), OUT/device-check.json, OUT/session.log.
-The device call (one, inside its 10 minutes; the old compact-kvasir weights left out of the tree):
+The device call (one, inside its 10 minutes; every checkpoint but the default left out of the tree, docs/training.md):
 
     device run, carry [".device"], timeout_s 590, command:
       python3 tools/device_train.py session --out $OUT
