@@ -424,10 +424,10 @@ class DemoSource(Source):
         while self.frames is None or index < self.frames:
             self.clock.wait(index)
             if self.loop:
-                if index % self.loop not in self._rendered:
-                    self._rendered[index % self.loop] = self.render(index % self.loop)
-                image, truth = self._rendered[index % self.loop]
-                image, truth = image.copy(), truth.copy()  # a stage may draw on its frame
+                key = index % self.loop
+                if key not in self._rendered:
+                    self._rendered[key] = self.render(key)
+                image, truth = (a.copy() for a in self._rendered[key])  # a stage may draw on its frame
             else:
                 image, truth = self.render(index)
             yield Frame(image, self.source_id, index, index / self.fps, truth=truth)

@@ -274,6 +274,14 @@ def _build_model(recipe: Recipe, device) -> tuple[Segmenter, bool]:
 
 # ---- stage 2 ---------------------------------------------------------------------------------
 
+def lr_schedule(opt, recipe: Recipe, step: int):
+    """Warm-up then cosine (or constant) over the recipe's steps, positioned at `step` (a resumed
+    or re-planned run continues where it is)."""
+    if recipe.optim.schedule == "cosine":
+        return get_cosine_schedule_with_warmup(opt, recipe.optim.warmup_steps, recipe.steps, last_epoch=step - 1)
+    return get_constant_schedule_with_warmup(opt, recipe.optim.warmup_steps, last_epoch=step - 1)
+
+
 class TimeBudget:
     """`--time-budget`: times stage 2 until the end of warm-up, then says how many steps fit."""
 
@@ -378,9 +386,7 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
         meta = _load_state(state_dir, model, ema, opt)
         step, best = meta["step"], meta["best"]
         say(f"resuming at step {step}")
-    make_sched = get_cosine_schedule_with_warmup if recipe.optim.schedule == "cosine" else get_constant_schedule_with_warmup
-    sched_args = (recipe.optim.warmup_steps, recipe.steps) if recipe.optim.schedule == "cosine" else (recipe.optim.warmup_steps,)
-    sched = make_sched(opt, *sched_args, last_epoch=step - 1)
+    sched = lr_schedule(opt, recipe, step)
 
     def ema_model() -> Segmenter:
         m = copy.deepcopy(model)
@@ -436,12 +442,11 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
                 if steps != recipe.steps:
                     recipe = recipe.model_copy(update={"steps": steps})
                     write_text(out / RECIPE_NAME, recipe.to_toml())
-                    sched = make_sched(opt, recipe.optim.warmup_steps, steps, last_epoch=step - 1) \
-                        if recipe.optim.schedule == "cosine" else sched
+                    sched = lr_schedule(opt, recipe, step)
                     log({"event": "time budget", "step": step, "steps": steps, "budget_s": budget.seconds})
                     say(f"time budget {budget.seconds:.0f} s: {steps} steps instead of the recipe's {stop}")
                     bar.update(task, total=steps)
-                stop = min(recipe.steps, opts.stop_at or recipe.steps)
+                    stop = min(recipe.steps, opts.stop_at or recipe.steps)
             if budget and budget.out_of_time() and step < stop:  # the plan was wrong: keep what there is
                 log({"event": "out of time", "step": step, "steps": recipe.steps})
                 stop = step
