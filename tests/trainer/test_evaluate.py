@@ -56,3 +56,22 @@ def test_small_polyps_are_found_when_half_covered():
     assert found == [(64 / 4096, True), (400 / 4096, False)]
     summary = recall_summary([("x", *f) for f in found])
     assert summary["small_polyps"] == 1 and summary["small_polyp_recall"] == 1.0 and summary["polyps_found"] == 1
+
+
+def test_paired_difference_matches_images_by_stem():
+    from syndiff_trainer.data import ArrayDataset
+    from syndiff_trainer.evaluate import paired_difference
+
+    stems = ["a/1", "a/2", "b/1", "b/2"]
+    ds = ArrayDataset(np.zeros((4, 8, 8, 3), np.uint8), np.zeros((4, 8, 8), bool), stems, ["s1", "s1", "b/1", "b/2"])
+    base = {"dice": 0.5, "by_source": {"a": {"dice": 0.4}, "b": {"dice": 0.6}},
+            "images": [{"stem": s, "dice": d} for s, d in zip(stems, (0.4, 0.4, 0.5, 0.7))]}
+    same = paired_difference(base, base, ds)
+    assert same["dice"] == 0.0 and same["dice_ci"] == [0.0, 0.0]
+    # listed in another order than the baseline: pairs are matched by stem, not by position
+    new = {"images": [{"stem": s, "dice": d} for s, d in zip(stems[::-1], (1.0, 0.4, 0.4, 0.6))]}
+    paired = paired_difference(new, base, ds)  # differences: a/1 +0.2, a/2 0.0, b/1 -0.1, b/2 +0.3
+    assert paired["dice"] == pytest.approx(0.1)
+    assert paired["by_source"]["a"]["dice"] == pytest.approx(0.1) and paired["by_source"]["b"]["dice"] == pytest.approx(0.1)
+    assert -0.1 - 1e-9 <= paired["dice_ci"][0] < 0.1 < paired["dice_ci"][1] <= 0.3 + 1e-9
+    assert paired["baseline_dice"] == 0.5 and paired["by_source"]["b"]["baseline_dice"] == 0.6

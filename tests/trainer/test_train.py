@@ -126,6 +126,25 @@ def test_eval_uses_the_checkpoint_split_and_reports_each_source(two_source_recip
     assert "| clinicdb |" in text and "| kvasir |" in text
 
 
+def test_eval_against_another_checkpoint_reports_the_paired_difference(kvasir_40, tmp_path):
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        Segmenter(preset_config("tiny", image_size=64)).save_pretrained(tmp_path / f"m{seed}")
+    def last_json(output):  # the JSON follows the no-split warning
+        return json.loads(output.splitlines()[-1])
+
+    args = ["eval", "--data", kvasir_40, "--model", tmp_path / "m0", "--limit", "6"]
+    itself = last_json(run(*args, "--against", tmp_path / "m0", "--json"))
+    assert itself["against"]["dice"] == 0.0 and itself["against"]["dice_ci"] == [0.0, 0.0] and "images" not in itself
+    other = last_json(run(*args, "--against", tmp_path / "m1", "--json", "--per-image"))
+    baseline = last_json(run("eval", "--data", kvasir_40, "--model", tmp_path / "m1", "--limit", "6", "--json"))
+    assert other["against"]["dice"] == pytest.approx(other["dice"] - baseline["dice"])
+    assert other["against"]["baseline_dice"] == pytest.approx(baseline["dice"]) and len(other["images"]) == 6
+    assert "Dice difference" in run(*args, "--against", tmp_path / "m1")
+    bad = CliRunner().invoke(app, [str(a) for a in args] + ["--against", str(tmp_path / "none")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
 def test_eval_warns_when_the_checkpoint_records_no_split(kvasir_40, tmp_path):
     Segmenter(preset_config("tiny", image_size=64)).save_pretrained(tmp_path / "bare")
     result = CliRunner().invoke(app, ["eval", "--data", str(kvasir_40), "--model", str(tmp_path / "bare"), "--limit", "2"])

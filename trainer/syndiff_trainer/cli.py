@@ -158,6 +158,8 @@ def eval_(
     skip_unpaired: bool = typer.Option(False, "--skip-unpaired", help="leave out images without a mask and "
                                                                      "unreadable files (reported)"),
     per_image: bool = typer.Option(False, help="add per-image rows"),
+    against: Optional[Path] = typer.Option(None, metavar="PATH", help="also score this checkpoint on the same "
+                                           "images and report the paired Dice difference with its 95 % CI"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     threads: Optional[int] = typer.Option(None, metavar="N", help="CPU threads for torch"),
 ):
@@ -166,7 +168,7 @@ def eval_(
 
     from syndiff_stream.model import default_checkpoint_path
 
-    from .evaluate import evaluate, load_eval_data, source_table
+    from .evaluate import evaluate, load_eval_data, paired_difference, paired_table, source_table
 
     if split not in ("val", "select", "train", "all"):
         _fail(ValueError(f"--split {split!r}: choose val, select, train or all"))
@@ -179,13 +181,25 @@ def eval_(
     ds = _run(load_eval_data, data, model or default_checkpoint_path(), split_file, split, subset,
               seg.config.image_size, warn, skip_unpaired)
     ds = ds.subset(range(min(limit, len(ds)))) if limit else ds
-    result = evaluate(seg, ds, steps=steps, timestep=timestep, per_image=per_image)
+    result = evaluate(seg, ds, steps=steps, timestep=timestep, per_image=per_image or against is not None)
+    if against is not None:
+        other = _load_model(against)
+        if other.config.image_size != seg.config.image_size:
+            _fail(ValueError(f"--against {against}: input size {other.config.image_size}, "
+                             f"not {seg.config.image_size} like --model"))
+        other.config.tta_flip = seg.config.tta_flip
+        baseline = evaluate(other, ds, steps=steps, timestep=timestep, per_image=True)
+        result["against"] = {"model": str(against), **paired_difference(result, baseline, ds)}
+        if not per_image:
+            result.pop("images")
     if as_json:
         typer.echo(json.dumps(result))
         return
     typer.echo(f"{result['n']} images in {result['groups']} groups, {steps} step(s) at t={result['timestep']}, "
                f"{result['ms_per_image']:.1f} ms/image, NSD {result['nsd']:.4f}")
     typer.echo(source_table(result))
+    if against is not None:
+        typer.echo(paired_table(result["against"]))
 
 
 @app.command()

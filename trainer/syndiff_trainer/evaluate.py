@@ -145,6 +145,25 @@ def evaluate(model: Segmenter, ds: ArrayDataset, steps: int = 1, timestep: int |
     return result
 
 
+def paired_difference(result: dict, baseline: dict, ds: ArrayDataset) -> dict:
+    """Dice of `result` minus `baseline` on the same images (both need per-image rows), with a
+    95 % bootstrap CI over groups: a paired interval is far narrower than two unpaired ones, so
+    it can tell two checkpoints apart where their own intervals overlap."""
+    base = {r["stem"]: r["dice"] for r in baseline["images"]}
+    diff = np.array([r["dice"] - base[r["stem"]] for r in result["images"]])
+    groups, sources = np.asarray(ds.groups), np.asarray(ds.sources)
+
+    def summary(keep):
+        return {"n": int(keep.sum()), "dice": float(diff[keep].mean()),
+                "dice_ci": list(bootstrap_ci(diff[keep], groups[keep]))}
+
+    out = {**summary(np.ones(len(diff), bool)), "baseline_dice": baseline["dice"]}
+    if len(set(sources)) > 1:
+        out["by_source"] = {s: {**summary(sources == s), "baseline_dice": baseline["by_source"][s]["dice"]}
+                            for s in sorted(set(sources))}
+    return out
+
+
 def source_table(result: dict) -> str:
     """Markdown: one row per source (and all), mean Dice / IoU with their 95 % CI."""
     rows = [("all", result)] + sorted(result.get("by_source", {}).items())
@@ -154,6 +173,17 @@ def source_table(result: dict) -> str:
         lines.append(f"| {name} | {r['n']} | {r['groups']} | {r['dice']:.3f} ({r['dice_ci'][0]:.3f}-{r['dice_ci'][1]:.3f}) | "
                      f"{r['iou']:.3f} ({r['iou_ci'][0]:.3f}-{r['iou_ci'][1]:.3f}) | {r['hd95']:.1f} | "
                      f"{r.get('small_polyps_found', 0)} of {r.get('small_polyps', 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_table(paired: dict) -> str:
+    """Markdown: this checkpoint's Dice minus the --against one's, per source, with the paired CI."""
+    rows = [("all", paired)] + sorted(paired.get("by_source", {}).items())
+    lines = [f"Against {paired['model']} (same images):", "",
+             "| source | images | its Dice | Dice difference (95 % CI, paired over groups) |", "|---|---|---|---|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['n']} | {r['baseline_dice']:.3f} | {r['dice']:+.3f} "
+                     f"({r['dice_ci'][0]:+.3f} to {r['dice_ci'][1]:+.3f}) |")
     return "\n".join(lines) + "\n"
 
 
