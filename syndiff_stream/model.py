@@ -449,12 +449,12 @@ def read_checkpoint_config(directory: str | Path) -> SegmenterConfig:
         raise CheckpointError(f"checkpoint {path}: {exc}") from None
 
 
-DEFAULT_CHECKPOINT = "compact-kvasir-clinicdb"
+DEFAULT_CHECKPOINT = "compact16-stem4-kvasir-clinicdb"
 
 
 def default_checkpoint_path() -> Path:
     """The shipped default: built by the trainer's default recipe, whose record lies beside it.
-    The earlier `compact-kvasir` stays in weights/ and loads by path."""
+    The earlier ones, `compact-kvasir-clinicdb` and `compact-kvasir`, stay in weights/ and load by path."""
     return Path(__file__).parent / "weights" / DEFAULT_CHECKPOINT
 
 

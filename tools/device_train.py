@@ -41,7 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACK = Path(os.environ.get("SYNDIFF_DEVICE_PACK", ROOT / ".device"))
 JPEG_QUALITY = 92
 PART_BYTES = 15 * 1024 * 1024
-DEFAULT = ROOT / "syndiff_stream" / "weights" / "compact-kvasir-clinicdb"
 # What the device image (see the device tool's KINDS.md) lacks for the trainer, pinned to what runs
 # here. pywavelets (imagehash's whash, unused) stays behind: it would cost 4.5 of the 64 MiB.
 WHEELS = ["diffusers==0.42.1", "albumentations==2.0.8", "albucore==0.0.24", "pydantic==2.14.4",
@@ -54,7 +53,7 @@ SESSION_RUNS = {
     "default": [],
     "seed-1": ["seed=1"],
     "small-cases": ['loss.mask_type="tversky_focal"', "sampling.small_polyp_boost=2.0"],
-    "large": ['model.preset="large"'],
+    "large": ['model.preset="large"', "model.overrides={}"],  # the preset as it is, not the default's 16 x 16 latent
     # more seeds of the rows above: on the H200 parallel runs cost nothing extra (docs/training.md)
     "seed-2": ["seed=2"],
     "small-cases-seed-1": ['loss.mask_type="tversky_focal"', "sampling.small_polyp_boost=2.0", "seed=1"],
@@ -62,13 +61,14 @@ SESSION_RUNS = {
 }
 
 
-def pack(recipe_name: str, sets: list[str], wheels: bool) -> None:
+def pack(recipe_name: str | None, sets: list[str], wheels: bool) -> None:
     import cv2
 
     from syndiff_stream.datasets import find_pairs, read_image, read_mask
     from syndiff_stream.preprocess import crop_resize, find_field_of_view
-    from syndiff_trainer.recipe import load_recipe
+    from syndiff_trainer.recipe import DEFAULT_RECIPE, load_recipe
 
+    recipe_name = recipe_name or DEFAULT_RECIPE
     recipe = load_recipe(recipe_name, sets)
     exclude = ROOT / ".git" / "info" / "exclude"
     if PACK == ROOT / ".device" and exclude.parent.is_dir():
@@ -123,12 +123,13 @@ def to_half(model_dir: Path) -> None:
     save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, str(path))
 
 
-def run(recipe_name: str, sets: list[str], out: Path, device: str, time_budget: float | None, half: bool,
+def run(recipe_name: str | None, sets: list[str], out: Path, device: str, time_budget: float | None, half: bool,
         loader_workers: int = 1, compile_mode: str = "no", precision: str = "auto") -> None:
     install_wheels()
-    from syndiff_trainer.recipe import load_recipe
+    from syndiff_trainer.recipe import DEFAULT_RECIPE, load_recipe
     from syndiff_trainer.train import RunOptions, fit
 
+    recipe_name = recipe_name or DEFAULT_RECIPE
     recipe = load_recipe(recipe_name, sets)
     paths = [f'data.{i}.path="{PACK / "data" / s.name}"' for i, s in enumerate(recipe.data)
              if (PACK / "data" / s.name).is_dir()]
@@ -148,8 +149,8 @@ def run(recipe_name: str, sets: list[str], out: Path, device: str, time_budget: 
         to_half(out)
 
 
-def session(out: Path, budget: float, check_timeout: float, runs: list[str], recipe: str, sets: list[str],
-            split: str, device: str, check_args: list[str], compile_mode: str = "no", precision: str = "auto") -> int:
+def session(out: Path, budget: float, check_timeout: float, runs: list[str], recipe: str | None, sets: list[str],
+            split: str | None, device: str, check_args: list[str], compile_mode: str = "no", precision: str = "auto") -> int:
     """The lease in one call: parallel training runs, then the GPU bench, then the returned files."""
     started = time.time()
     unknown = sorted(set(runs) - set(SESSION_RUNS))
@@ -168,6 +169,11 @@ def session(out: Path, budget: float, check_timeout: float, runs: list[str], rec
         log.flush()
 
     install_wheels()
+    from syndiff_stream.model import default_checkpoint_path
+    from syndiff_trainer.recipe import DEFAULT_RECIPE
+
+    recipe = recipe or DEFAULT_RECIPE
+    split = str(default_checkpoint_path() / "split.json") if split is None else split
     say(f"wheels in; runs {runs}, budget {budget:.0f} s each")
     procs = {}
     cores = max(2, (os.cpu_count() or 4) // len(runs))  # each run: half its cores prepare batches
@@ -241,7 +247,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name in ("pack", "run"):
         p = sub.add_parser(name)
-        p.add_argument("--recipe", default="compact-kvasir-clinicdb")
+        p.add_argument("--recipe", default=None, help="default: the trainer's default recipe")
         p.add_argument("--set", dest="sets", action="append", default=[])
     sub.choices["pack"].add_argument("--no-wheels", action="store_true")
     r = sub.choices["run"]
@@ -259,10 +265,10 @@ def main() -> None:
     s.add_argument("--budget", type=float, default=350, help="seconds each training run may take")
     s.add_argument("--check-timeout", type=float, default=150, help="seconds the GPU bench may take")
     s.add_argument("--runs", default="default,small-cases,large", help=f"of {', '.join(SESSION_RUNS)}")
-    s.add_argument("--recipe", default="compact-kvasir-clinicdb")
+    s.add_argument("--recipe", default=None, help="default: the trainer's default recipe")
     s.add_argument("--set", dest="sets", action="append", default=[], help="override for every run")
-    s.add_argument("--split", default=str(DEFAULT / "split.json"), help="split.json every run validates on "
-                   "('' for the recipe's own)")
+    s.add_argument("--split", default=None, help="split.json every run validates on (default: the shipped default's; "
+                   "'' for the recipe's own)")
     s.add_argument("--device", default="cuda")
     s.add_argument("--compile", default="no", choices=["no", "default", "reduce-overhead"],
                    help="every run's training step compiled (on the H200, eager was launch-bound)")

@@ -22,7 +22,7 @@ from syndiff_stream.model import SegmenterConfig, preset_config, validation_mess
 
 RECIPE_VERSION = 1
 RECIPE_NAME = "recipe.toml"
-DEFAULT_RECIPE = "compact-kvasir-clinicdb"
+DEFAULT_RECIPE = "compact16-stem4-kvasir-clinicdb"
 
 
 class RecipeError(ValueError):
@@ -202,7 +202,7 @@ def shipped_recipes() -> list[str]:
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
-    """A recipe file path, or the name of a shipped recipe (`compact-kvasir-clinicdb`)."""
+    """A recipe file path, or the name of a shipped recipe (trainer/syndiff_trainer/recipes/; an unknown name lists them)."""
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
