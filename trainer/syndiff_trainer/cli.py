@@ -12,7 +12,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich
                   pretty_exceptions_enable=False)
 
 DATA_HELP = "dataset folder (Kvasir-SEG, CVC-ClinicDB, PraNet or paired images/masks layout)"
-RECIPE_HELP = "recipe file (.toml) or shipped recipe name (default: compact16-stem4-kvasir-clinicdb)"
+RECIPE_HELP = "recipe file (.toml) or shipped recipe name (default: the one that built the shipped default checkpoint)"
 SET_HELP = "override one recipe key, e.g. --set optim.lr=5e-4 --set data.1.weight=2 (repeatable)"
 
 
