@@ -98,7 +98,7 @@ class SmoothingSpec(_Strict):
 
     def config(self, threshold: float) -> SmoothingConfig:
         if not self.enabled:
-            return SmoothingConfig.off(threshold)
+            return SmoothingConfig.off(threshold, self.min_area)
         return SmoothingConfig(alpha=self.alpha, high=threshold, low=max(threshold - self.hysteresis, 0.0),
                                min_area=self.min_area, cut_threshold=self.cut_threshold, motion=self.motion,
                                mismatch=self.mismatch, support=self.support)
@@ -168,7 +168,12 @@ class Profile(_Strict):
         return data
 
     def smoothing_config(self, smooth: bool = True) -> SmoothingConfig:
-        return self.smoothing.config(self.threshold) if smooth else SmoothingConfig.off(self.threshold)
+        return self.smoothing.config(self.threshold) if smooth else SmoothingConfig.off(self.threshold, self.smoothing.min_area)
+
+    @classmethod
+    def for_model(cls, config) -> "Profile":
+        """The default profile at a checkpoint's operating point (threshold, minimum area)."""
+        return cls(threshold=config.threshold, smoothing=SmoothingSpec(min_area=config.min_area) if config.min_area else SmoothingSpec())
 
 
 # ---- files --------------------------------------------------------------------------------------

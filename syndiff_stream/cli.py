@@ -394,7 +394,7 @@ def batch(
         fail(str(exc))
     dev = pick_device(device) if ray_opts is None else None
     seg = load_model(model, tta)
-    smoothing = default_smoothing(smooth, seg.config.threshold)
+    smoothing = default_smoothing(smooth, seg.config)
     local_backend = build_backend(seg, backend, dev) if ray_opts is None else None  # on Ray: built in each actor
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -587,7 +587,7 @@ def bench(
         report = run_benchmark(seg, backend_, lambda: open_input(source, realtime=source_fps is not None, fps=source_fps), frames=frames, mode=mode_, batch_size=batch, live=live,
                                compare_steps=compare_steps, compare_frames=compare_frames,
                                compare_rounds=compare_rounds, compare_backends=others,
-                               smoothing=default_smoothing(True, seg.config.threshold) if smoothing else None)
+                               smoothing=default_smoothing(True, seg.config) if smoothing else None)
     except ValueError as exc:
         fail(str(exc))
     if json_out:
@@ -691,7 +691,7 @@ def soak(
     backend_ = build_backend(seg, backend, dev)
     src = open_input(source, fps=fps, realtime=True, reconnect_timeout=30.0)
     with StopOnSignal() as stopper:  # Ctrl-C ends the soak early, with its report
-        report = run_soak(src, backend_, minutes, sample_every, default_smoothing(True, seg.config.threshold),
+        report = run_soak(src, backend_, minutes, sample_every, default_smoothing(True, seg.config),
                           on_sample=lambda s: typer.secho(json.dumps(s), err=True),
                           on_start=lambda pipeline: setattr(stopper, "pipeline", pipeline))
     text = json.dumps(report)

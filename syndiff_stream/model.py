@@ -130,7 +130,13 @@ class SegmenterConfig(BaseModel):
     mask_loss_type: Literal["dice_bce", "tversky_focal"] = "dice_bce"
     tversky_beta: float = 0.7
     focal_gamma: float = 2.0
+    # Operating point, per frame: a pixel is polyp at prob >= threshold, and a connected component
+    # smaller than min_area (a fraction of the field of view) is not reported. Chosen for each
+    # checkpoint on the curve of polyp-free alarms against sensitivity (`syndiff-train
+    # operating-point`, docs/evaluation.md); 0 leaves every component, and the runtime's smoothing
+    # then keeps its own default minimum.
     threshold: float = 0.5
+    min_area: float = 0.0
     noise_seed: int = 0
     # Test-time augmentation: average the probability of the frame and of its mirror image. One
     # batch of twice the frames through the U-Net, so about twice the model time; every backend
@@ -141,6 +147,8 @@ class SegmenterConfig(BaseModel):
     def _check(self) -> "SegmenterConfig":
         if not 0 <= self.inference_timestep < self.num_train_timesteps:
             raise ValueError(f"inference_timestep must be in [0, {self.num_train_timesteps}), got {self.inference_timestep}")
+        if not 0 <= self.min_area < 1:
+            raise ValueError(f"min_area must be in [0, 1), got {self.min_area}")
         if not 0 <= self.focus_prob <= 1:
             raise ValueError(f"focus_prob must be in [0, 1], got {self.focus_prob}")
         return self

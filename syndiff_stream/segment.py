@@ -24,8 +24,8 @@ Segmented = Result  # what FrameSegmenter returns: prob, mask, polyps, valid, fo
 
 class FrameSegmenter:
     def __init__(self, backend: Backend, profile: Profile | None = None, smooth: bool = True):
-        # No profile: the default one at the model's threshold (FOV found per frame, colours as they are).
-        profile = profile or Profile(threshold=backend.seg.config.threshold)
+        # No profile: the default one at the model's operating point (FOV found per frame, colours as they are).
+        profile = profile or Profile.for_model(backend.seg.config)
         self.backend, self.profile = backend, profile
         self.stages = Stages.for_profile(backend, profile, smooth)
         self.index = 0

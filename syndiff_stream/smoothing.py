@@ -17,7 +17,8 @@ frame to the next, which reads as noise on a live overlay. The remedies, each wi
                longer sees (no ghost after a jump, zero frames of hysteresis for a whole polyp);
   min area     connected components smaller than a fraction of the field of view are dropped.
 `Smoother.off(threshold)` is the identity: mask = prob >= threshold at source resolution, exactly
-what the model predicts frame by frame.
+what the model predicts frame by frame; `Smoother.off(threshold, min_area)` also drops components
+under the minimum area, the per-frame half of a checkpoint's operating point.
 
 `evaluate_smoothing` measures Dice against true masks, frames with a false-positive component and
 flicker (mean 1 - IoU of consecutive masks) with and without smoothing on the same probabilities.
@@ -61,22 +62,25 @@ class SmoothingConfig:
             raise ValueError(f"need 0 <= low <= high <= 1, got low={self.low}, high={self.high}")
 
     @classmethod
-    def at(cls, threshold: float, hysteresis: float = 0.0) -> "SmoothingConfig":
-        """The default smoothing for a model with this decision threshold."""
-        return cls(high=threshold, low=max(threshold - hysteresis, 0.0))
+    def at(cls, threshold: float, hysteresis: float = 0.0, min_area: float = 0.0) -> "SmoothingConfig":
+        """The default smoothing for a model with this operating point (a `min_area` of 0: the
+        smoothing's own default)."""
+        return cls(high=threshold, low=max(threshold - hysteresis, 0.0), **({"min_area": min_area} if min_area else {}))
 
     @classmethod
-    def off(cls, threshold: float = 0.5) -> "SmoothingConfig":
-        return cls(alpha=1.0, high=threshold, low=threshold, min_area=0.0, cut_threshold=math.inf,
+    def off(cls, threshold: float = 0.5, min_area: float = 0.0) -> "SmoothingConfig":
+        """No temporal smoothing: each frame's own mask, less components under `min_area`."""
+        return cls(alpha=1.0, high=threshold, low=threshold, min_area=min_area, cut_threshold=math.inf,
                    motion=False, support=False)
 
     @property
     def is_off(self) -> bool:
-        return self.alpha >= 1 and self.low == self.high and self.min_area == 0 and not self.support
+        """No temporal smoothing (a minimum area is a per-frame rule, allowed)."""
+        return self.alpha >= 1 and self.low == self.high and not self.support
 
     def describe(self) -> str:
         if self.is_off:
-            return "off"
+            return "off" + (f" (min area {self.min_area})" if self.min_area else "")
         parts = [f"ema {self.alpha}" + (" along the flow" if self.motion and self.alpha < 1 else "")]
         parts += [f"hysteresis {self.high}/{self.low}"] if self.low < self.high else []
         return ", ".join(parts + (["support"] if self.support else []) + [f"min area {self.min_area}"])
@@ -167,8 +171,8 @@ class Smoother:
         self.reset()
 
     @classmethod
-    def off(cls, threshold: float = 0.5) -> "Smoother":
-        return cls(SmoothingConfig.off(threshold))
+    def off(cls, threshold: float = 0.5, min_area: float = 0.0) -> "Smoother":
+        return cls(SmoothingConfig.off(threshold, min_area))
 
     def reset(self) -> None:
         self.ema: np.ndarray | None = None

@@ -18,6 +18,7 @@ from .backends import Backend
 from .engine import Prepared, Preprocessor, make_runner
 from .frames import Frame, Result
 from .gating import AlarmGate, GateConfig
+from .model import SegmenterConfig
 from .postprocess import find_polyps
 from .smoothing import Smoother, SmoothingConfig
 
@@ -27,9 +28,13 @@ def is_valid(prob: np.ndarray) -> bool:
     return bool(np.isfinite(prob).all())
 
 
-def default_smoothing(smooth: bool, threshold: float) -> SmoothingConfig | None:
-    """The CLI's smoothing when no profile says otherwise: motion-aware, no hysteresis (docs/runtime.md)."""
-    return SmoothingConfig.at(threshold) if smooth else None
+def default_smoothing(smooth: bool, config: SegmenterConfig) -> SmoothingConfig:
+    """The CLI's smoothing when no profile says otherwise, at the checkpoint's operating point
+    (threshold, minimum area): motion-aware, no hysteresis (docs/runtime.md); or none, each frame
+    on its own, still less components under the minimum area."""
+    if smooth:
+        return SmoothingConfig.at(config.threshold, min_area=config.min_area)
+    return SmoothingConfig.off(config.threshold, config.min_area)
 
 
 class Stages:
@@ -43,7 +48,7 @@ class Stages:
                  smoothing: SmoothingConfig | None = None, gating: GateConfig | None = None):
         self.backend = backend
         self.preprocess = preprocess or Preprocessor(backend.input_size, on_device=backend.device.type == "cuda")
-        self.smoother = Smoother(smoothing or SmoothingConfig.off(backend.seg.config.threshold))
+        self.smoother = Smoother(smoothing or default_smoothing(False, backend.seg.config))
         self.find_polyps = find_polyps
         self.gate = AlarmGate(gating or GateConfig.off())  # reported polyps only; frames pass untouched
         self.invalid = 0  # frames whose model output had NaN/inf
@@ -57,7 +62,7 @@ class Stages:
         from .calibration import ProfilePreprocessor
 
         if profile is None:
-            return cls(backend, smoothing=default_smoothing(smooth, backend.seg.config.threshold), gating=gating)
+            return cls(backend, smoothing=default_smoothing(smooth, backend.seg.config), gating=gating)
         on_device = backend.device.type == "cuda"
         return cls(backend, ProfilePreprocessor(backend.input_size, profile, on_device=on_device),
                    profile.smoothing_config(smooth), gating)

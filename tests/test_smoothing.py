@@ -181,3 +181,29 @@ def test_the_old_ema_left_a_ghost_after_a_jump():
         if after:
             ghosts.append((mask & old).any())
     assert ghosts[0]
+
+
+def test_off_with_a_minimum_area_drops_only_the_small_components():
+    prob = np.zeros((32, 32), np.float32)
+    prob[1:3, 1:3] = 0.9  # 4 px: under 1 % of the field of view
+    prob[10:20, 10:20] = 0.9
+    _, mask = Smoother.off(0.5, min_area=0.01).update(image(), prob, FOV)
+    assert mask.sum() == 100 and not mask[1:3, 1:3].any()
+    assert SmoothingConfig.off(0.5, 0.01).is_off and SmoothingConfig.off(0.5, 0.01).describe() == "off (min area 0.01)"
+
+
+def test_the_runtime_takes_a_checkpoints_operating_point():
+    from syndiff_stream.calibration import Profile
+    from syndiff_stream.model import preset_config
+    from syndiff_stream.stages import default_smoothing
+
+    chosen = preset_config("tiny", threshold=0.7, min_area=0.01)
+    on, off = default_smoothing(True, chosen), default_smoothing(False, chosen)
+    assert (on.high, on.min_area, on.is_off) == (0.7, 0.01, False)
+    assert (off.high, off.min_area, off.is_off) == (0.7, 0.01, True)
+    unset = default_smoothing(True, preset_config("tiny"))  # an older checkpoint: the smoothing's own minimum
+    assert unset.min_area == SmoothingConfig().min_area and default_smoothing(False, preset_config("tiny")).min_area == 0
+    profile = Profile.for_model(chosen)
+    assert profile.threshold == 0.7 and profile.smoothing_config(False).min_area == 0.01
+    with pytest.raises(ValueError, match="min_area"):
+        preset_config("tiny", min_area=1.5)

@@ -2,11 +2,15 @@
 
 import json
 
+import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from recipes import tiny_recipe
 from syndiff_trainer.cli import app
 from syndiff_trainer.crossval import run_cross_centre, run_kfold
+from syndiff_trainer.data import ArrayDataset
+from syndiff_trainer.recipe import RecipeError
 
 
 def test_kfold_scores_every_image_once_and_cross_centre_holds_out_each_source(kvasir_40, clinicdb_subset, tmp_path):
@@ -20,10 +24,22 @@ def test_kfold_scores_every_image_once_and_cross_centre_holds_out_each_source(kv
         split = json.loads((tmp_path / "cv" / f"fold{k}-split.json").read_text())
         assert not {s for s in split["val"]} & set(split["train"])
     assert "| summary |" in table and "| clinicdb |" in table
-    centres = run_cross_centre(recipe, tmp_path / "cc", **opts)
-    held = json.loads((tmp_path / "cc" / "results.json").read_text())
+    free = {"normal": ArrayDataset(np.full((3, 64, 64, 3), 120, np.uint8), np.zeros((3, 64, 64), bool),
+                                   ["a", "b", "c"], ["s1", "s1", "s2"])}
+    centres = run_cross_centre(recipe, tmp_path / "cc", polyp_free=free, **opts)
+    summary = json.loads((tmp_path / "cc" / "results.json").read_text())
+    held = summary["folds"]
     assert held["kvasir"]["n"] == 40 and set(held) == {"kvasir", "clinicdb"}
-    assert "| clinicdb | kvasir |" in centres
+    assert set(held["kvasir"]["polyp_free"]) == {"normal", "crops of the held-out centre"}
+    assert summary["summary"]["mean_dice"] == pytest.approx((held["kvasir"]["dice"] + held["clinicdb"]["dice"]) / 2)
+    assert summary["summary"]["worst_dice"] == min(held["kvasir"]["dice"], held["clinicdb"]["dice"])
+    assert "| clinicdb | kvasir |" in centres and "**mean of 2**" in centres
+    # the same folds again, paired against themselves: nothing retrains, every difference is 0
+    again = run_cross_centre(recipe, tmp_path / "cc", only=("kvasir",), against=tmp_path / "cc", **opts)
+    paired = json.loads((tmp_path / "cc" / "results.json").read_text())["against"]
+    assert paired["mean_dice"] == 0.0 and paired["mean_dice_ci"] == [0.0, 0.0] and "**mean**" in again
+    with pytest.raises(RecipeError, match="no such source"):
+        run_cross_centre(recipe, tmp_path / "cc", only=("etis",), **opts)
 
 
 def test_groups_command_prints_counts_and_draws_a_sheet(kvasir_40, tmp_path):

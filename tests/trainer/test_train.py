@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -210,3 +211,23 @@ def test_a_compiled_training_step_trains(kvasir_40, tmp_path):
     assert all(torch.isfinite(v).all() for v in wc.values())
     # the same arithmetic in another order: the weights agree to float noise, not bit for bit
     assert max((we[k] - wc[k]).abs().max().item() for k in we if we[k].is_floating_point()) < 1e-3
+
+
+def test_eval_reports_specificity_on_polyp_free_frames_and_crops(kvasir_40, tmp_path):
+    import cv2
+
+    torch.manual_seed(0)
+    Segmenter(preset_config("tiny", image_size=64)).save_pretrained(tmp_path / "m")
+    free = tmp_path / "free"
+    (free / "images").mkdir(parents=True)
+    for i in range(3):
+        cv2.imwrite(str(free / "images" / f"f{i}.jpg"), np.full((48, 64, 3), 100, np.uint8))
+    result = json.loads(run("eval", "--data", f"kvasir={kvasir_40}", "--model", tmp_path / "m", "--limit", "6",
+                            "--polyp-free", f"normal={free}", "--json").splitlines()[-1])
+    normal, crops = result["polyp_free"]["normal"], result["polyp_free"]["crops of the scored images"]
+    assert normal["frames"] == 3 and normal["alarm_frames"] + round(normal["specificity"] * 3) == 3
+    assert 0 < crops["frames"] <= 12 and crops["groups"] <= 6  # at most two crops of each scored image, in its group
+    assert result["operating_point"] == {"threshold": 0.5, "min_area": 0.0}
+    text = run("eval", "--data", f"kvasir={kvasir_40}", "--model", tmp_path / "m", "--limit", "6", "--no-crops",
+               "--polyp-free", str(free))
+    assert "| free | 3 |" in text and "crops of the scored images" not in text

@@ -270,3 +270,22 @@ def test_eval_video_scores_only_sequences_the_checkpoint_never_trained_on(tmp_pa
     assert json.loads(every.stdout.strip().splitlines()[-1])["summary"]["frames"] == 11
     bare = runner.invoke(app, ["eval-video", str(data), "--model", str(rt_tiny_model_dir), *common])
     assert bare.exit_code == 0 and "records no training manifest" in bare.stderr
+
+
+def test_a_folder_without_masks_is_polyp_free_clips_scored_for_alarms(tmp_path, rt_tiny_model_dir):
+    root = write_sequences(tmp_path / "d", (4, 3))
+    for mask in (root / "masks").iterdir():
+        mask.unlink()
+    (root / "masks").rmdir()
+    clips = sequence_clips(root, fps=5)
+    frames = list(clips[0].open())
+    assert [c.frames for c in clips] == [4, 3] and all(f.truth is not None and not f.truth.any() for f in frames)
+    res = CliRunner().invoke(app, ["eval-video", str(root), "--fps", "5", "--model", str(rt_tiny_model_dir),
+                                   "--backend", "eager", "--device", "cpu", "--sweep", "1,3", "--json"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout.strip().splitlines()[-1])["summary"]
+    assert s["polyps"] == 0 and s["polyp_free_frames"] == 7 and s["sensitivity"] is None
+    assert 0 <= s["polyp_free_frames_with_alarm"] <= 7 and s["false_alarms_per_minute"] is not None
+    text = CliRunner().invoke(app, ["eval-video", str(root), "--fps", "5", "--model", str(rt_tiny_model_dir),
+                                    "--backend", "eager", "--device", "cpu", "--sweep", ""])
+    assert text.exit_code == 0 and "all polyp-free: an alarm on" in text.stdout

@@ -160,15 +160,21 @@ def eval_(
     per_image: bool = typer.Option(False, help="add per-image rows"),
     against: Optional[Path] = typer.Option(None, metavar="PATH", help="also score this checkpoint on the same "
                                            "images and report the paired Dice difference with its 95 % CI"),
+    polyp_free: Optional[List[str]] = typer.Option(None, "--polyp-free", metavar="PATH", help="folder of polyp-free "
+                                                   "frames (images/, optional sequences.csv): frame-level specificity "
+                                                   "after the operating point's threshold and minimum area; NAME=PATH "
+                                                   "names it; repeatable"),
+    crops: bool = typer.Option(True, help="also score specificity on polyp-free crops of the scored images"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     threads: Optional[int] = typer.Option(None, metavar="N", help="CPU threads for torch"),
 ):
-    """Score a checkpoint: Dice and IoU with 95 % bootstrap CIs, HD95, NSD; a row per source."""
+    """Score a checkpoint: Dice and IoU with 95 % bootstrap CIs, HD95, NSD, polyps found; a row per
+    source; specificity on polyp-free frames and crops."""
     import torch
 
     from syndiff_stream.model import default_checkpoint_path
 
-    from .evaluate import evaluate, load_eval_data, paired_difference, paired_table, source_table
+    from .evaluate import evaluate, load_eval_data, paired_difference, paired_table, polyp_free_sets, source_table
 
     if split not in ("val", "select", "train", "all"):
         _fail(ValueError(f"--split {split!r}: choose val, select, train or all"))
@@ -181,15 +187,19 @@ def eval_(
     ds = _run(load_eval_data, data, model or default_checkpoint_path(), split_file, split, subset,
               seg.config.image_size, warn, skip_unpaired)
     ds = ds.subset(range(min(limit, len(ds)))) if limit else ds
-    result = evaluate(seg, ds, steps=steps, timestep=timestep, per_image=per_image or against is not None)
+    free = _run(polyp_free_sets, polyp_free or [], data if crops else [], ds, model or default_checkpoint_path(),
+                seg.config.image_size)
+    result = evaluate(seg, ds, steps=steps, timestep=timestep, per_image=per_image or against is not None,
+                      polyp_free=free)
     if against is not None:
         other = _load_model(against)
         if other.config.image_size != seg.config.image_size:
             _fail(ValueError(f"--against {against}: input size {other.config.image_size}, "
                              f"not {seg.config.image_size} like --model"))
         other.config.tta_flip = seg.config.tta_flip
-        baseline = evaluate(other, ds, steps=steps, timestep=timestep, per_image=True)
-        result["against"] = {"model": str(against), **paired_difference(result, baseline, ds)}
+        baseline = evaluate(other, ds, steps=steps, timestep=timestep, per_image=True, polyp_free=free)
+        result["against"] = {"model": str(against), **paired_difference(result, baseline, ds),
+                             "polyp_free": baseline.get("polyp_free", {})}
         if not per_image:
             result.pop("images")
     if as_json:
@@ -200,6 +210,64 @@ def eval_(
     typer.echo(source_table(result))
     if against is not None:
         typer.echo(paired_table(result["against"]))
+
+
+@app.command("operating-point")
+def operating_point(
+    data: List[str] = typer.Option(..., metavar="PATH", help=DATA_HELP + ": images with polyps (sensitivity); "
+                                   "NAME=PATH to name one; repeatable"),
+    polyp_free: List[str] = typer.Option(..., "--polyp-free", metavar="PATH", help="folder of polyp-free frames "
+                                         "(images/, optional sequences.csv) whose alarm rate binds; repeatable"),
+    model: Optional[Path] = typer.Option(None, metavar="DIR", help="checkpoint folder; default: the shipped model"),
+    split: str = typer.Option("val", metavar="SIDE", help="which side of the checkpoint's split scores "
+                              "sensitivity: val, select, train or all"),
+    max_alarm: float = typer.Option(0.05, metavar="X", help="highest share of polyp-free frames with an alarm, per frame"),
+    crops: bool = typer.Option(True, help="also report alarms on polyp-free crops of the scored images"),
+    write: bool = typer.Option(False, "--write", help="set the chosen threshold and min_area in the checkpoint's "
+                               "config.json, and keep the curve in operating_point.json"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    threads: Optional[int] = typer.Option(None, metavar="N", help="CPU threads for torch"),
+):
+    """Choose the checkpoint's threshold and minimum area from the curve of polyps found against
+    alarms on polyp-free frames (docs/evaluation.md); --write stores them in the checkpoint."""
+    import torch
+
+    from syndiff_stream.model import default_checkpoint_path
+
+    from .evaluate import load_eval_data, polyp_free_sets
+    from .operating import choose, curve, curve_table, leave_one_group_out, write_operating_point
+
+    if split not in ("val", "select", "train", "all"):
+        _fail(ValueError(f"--split {split!r}: choose val, select, train or all"))
+    if not 0 <= max_alarm < 1:
+        _fail(ValueError(f"--max-alarm {max_alarm}: must be in [0, 1)"))
+    if threads:
+        torch.set_num_threads(threads)
+    model_dir = model or default_checkpoint_path()
+    seg = _load_model(model_dir)
+    warn = lambda msg: typer.secho(f"warning: {msg}", err=True, fg=typer.colors.YELLOW)  # noqa: E731
+    ds = _run(load_eval_data, data, model_dir, None, split, None, seg.config.image_size, warn)
+    free = _run(polyp_free_sets, polyp_free, data if crops else [], ds, model_dir, seg.config.image_size)
+    binding = [n for n in free if n != "crops of the scored images"]
+    measured = curve(seg, ds, free)
+    point = choose(measured["rows"], max_alarm, binding)
+    honest = leave_one_group_out(measured["rows"], max_alarm, binding)
+    was = {"threshold": seg.config.threshold, "min_area": seg.config.min_area}
+    report = {"model": str(model_dir), "max_alarm": max_alarm, "binding": binding, "split": split,
+              "chosen": {k: point[k] for k in ("threshold", "min_area", "sensitivity", "small_sensitivity", "dice",
+                                               "alarm_rate")},
+              "leave_one_group_out": honest, "previous": was, **measured}
+    if write:
+        write_operating_point(model_dir, point, report)
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    typer.echo(curve_table(measured["rows"], list(free), point, top=25))
+    c = report["chosen"]
+    typer.echo(f"chosen: threshold {c['threshold']:.2f}, min area {c['min_area']:.3f}: polyps found "
+               f"{100 * c['sensitivity']:.1f} %, " + ", ".join(f"alarms {100 * v:.1f} % on {n}" for n, v in c["alarm_rate"].items())
+               + f"; chosen without each sequence in turn: {100 * honest['alarm_rate']:.1f} % alarms on it"
+               + (f" -> written to {model_dir / 'config.json'}" if write else " (--write stores it)"))
 
 
 @app.command()
@@ -225,15 +293,26 @@ def cross_centre(
     recipe: Optional[str] = typer.Option(None, metavar="RECIPE", help=RECIPE_HELP),
     set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP),
     out: Path = typer.Option(..., metavar="DIR", help="folder: one run per held-out source, results.json and table.md"),
+    only: Optional[str] = typer.Option(None, metavar="NAMES", help="comma-separated held-out sources to run now "
+                                       "(one process per fold, sharing OUT); the table shows every finished fold"),
+    polyp_free: Optional[List[str]] = typer.Option(None, "--polyp-free", metavar="PATH", help="folder of polyp-free "
+                                                   "frames: each fold's alarm rate on it (NAME=PATH names it; repeatable)"),
+    against: Optional[Path] = typer.Option(None, metavar="DIR", help="another cross-centre folder of the same sources: "
+                                           "Dice differences per held-out centre and of the mean, paired image by image"),
     device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda[:N]"),
     threads: Optional[int] = typer.Option(None, metavar="N", help="CPU threads for torch"),
     progress: bool = typer.Option(True, help="show progress bars"),
 ):
-    """Leave one source out, in turn: train on the others, score the whole held-out source."""
+    """Leave one source out, in turn: train on the others, score the whole held-out source, its
+    polyp-free crops and each --polyp-free folder. The mean over held-out centres and the worst one
+    rank recipes (docs/training.md)."""
     from .crossval import run_cross_centre
+    from .negatives import named_polyp_free
 
     cfg = _recipe(recipe, set_)
-    table = _run(run_cross_centre, cfg, out, device=device, threads=threads, progress=progress)
+    names = tuple(n.strip() for n in (only or "").split(",") if n.strip())
+    free = _run(named_polyp_free, polyp_free or [], cfg.image_size)
+    table = _run(run_cross_centre, cfg, out, names, free, against, device=device, threads=threads, progress=progress)
     typer.echo(table)
 
 

@@ -404,9 +404,21 @@ class BatchSampler:
     resumed run, or one with another loader layout, sees exactly the same batches."""
 
     def __init__(self, ds: ArrayDataset, batch_size: int, seed: int, augment=None,
-                 source_weights: dict[str, float] | None = None, image_weights: np.ndarray | None = None):
-        self.ds, self.batch_size, self.seed, self.augment = ds, batch_size, seed, augment
+                 source_weights: dict[str, float] | None = None, image_weights: np.ndarray | None = None,
+                 negatives: ArrayDataset | None = None, negative_rate: float = 0.0):
+        self.batch_size, self.seed, self.augment = batch_size, seed, augment
         self._local = threading.local()  # one copy of the augmenter per loader thread: it holds its seed
+        p = self._source_weighted(ds, source_weights, image_weights)
+        if negatives is not None and len(negatives) and negative_rate > 0:
+            # polyp-free crops take `negative_rate` of the draws, shared among sources as the frames are
+            ds = ds.concat(negatives)
+            p = np.concatenate([(1 - negative_rate) * p, negative_rate * self._source_weighted(negatives, source_weights)])
+        self.ds, self.p = ds, p
+
+    @staticmethod
+    def _source_weighted(ds: ArrayDataset, source_weights: dict[str, float] | None,
+                         image_weights: np.ndarray | None = None) -> np.ndarray:
+        """Draw probability per image: each source its weight's share, then relative image weights within it."""
         sources = ds.sources
         counts = {s: sources.count(s) for s in set(sources)}
         w = np.array([(source_weights or {}).get(s, 1.0) / counts[s] for s in sources], dtype=np.float64)
@@ -415,7 +427,7 @@ class BatchSampler:
                 idx = np.array([i for i, x in enumerate(sources) if x == s])
                 rel = image_weights[idx] / image_weights[idx].mean()
                 w[idx] = w[idx] * rel
-        self.p = w / w.sum()
+        return w / w.sum()
 
     def indices(self, step: int) -> np.ndarray:
         rng = np.random.default_rng(sample_seed(self.seed, step))

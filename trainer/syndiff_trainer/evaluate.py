@@ -26,6 +26,7 @@ from syndiff_stream.datasets import DatasetError
 from syndiff_stream.metrics import dice, iou
 from syndiff_stream.model import Segmenter
 from syndiff_stream.preprocess import to_model_range
+from syndiff_stream.smoothing import remove_small
 
 from .data import ArrayDataset, apply_split, group_ids, load_dataset
 from .recipe import load_recipe
@@ -67,17 +68,34 @@ def surface_metrics(pred: np.ndarray, target: np.ndarray, tolerance: float = NSD
 
 
 @torch.no_grad()
-def predict_masks(model: Segmenter, images: np.ndarray, steps: int = 1, timestep: int | None = None,
+def predict_proba(model: Segmenter, images: np.ndarray, steps: int = 1, timestep: int | None = None,
                   batch_size: int = 16) -> np.ndarray:
-    """uint8 images (N,S,S,3) -> bool masks (N,S,S)."""
+    """uint8 images (N,S,S,3) -> float32 polyp probabilities (N,S,S)."""
     device = next(model.parameters()).device
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
         x = to_model_range(torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).float()).to(device)
         prob = model.predict_proba(x, timestep) if steps == 1 else model.predict_proba_multistep(x, steps)
-        out.append(prob[:, 0].cpu().numpy() >= model.config.threshold)
-    return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:3], bool)
+        out.append(prob[:, 0].float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:3], np.float32)
+
+
+def to_masks(prob: np.ndarray, threshold: float, min_area: float = 0.0) -> np.ndarray:
+    """Probabilities (N,S,S) -> the masks the runtime reports frame by frame: prob >= threshold,
+    less 8-connected components under `min_area` of the frame (the operating point)."""
+    masks = prob >= threshold
+    if min_area > 0:
+        pixels = min_area * masks.shape[1] * masks.shape[2]
+        masks = np.stack([remove_small(m, pixels) for m in masks]) if len(masks) else masks
+    return masks
+
+
+def predict_masks(model: Segmenter, images: np.ndarray, steps: int = 1, timestep: int | None = None,
+                  batch_size: int = 16) -> np.ndarray:
+    """uint8 images (N,S,S,3) -> bool masks (N,S,S) at the checkpoint's operating point."""
+    prob = predict_proba(model, images, steps, timestep, batch_size)
+    return to_masks(prob, model.config.threshold, model.config.min_area)
 
 
 BOOTSTRAP_SAMPLES = 2000
@@ -119,8 +137,22 @@ def summarise(rows: list[dict], groups: list[str]) -> dict:
     return out
 
 
+def specificity(masks: np.ndarray, groups: list[str]) -> dict:
+    """Frame-level specificity of masks predicted on polyp-free frames: the share on which nothing
+    is reported, with a 95 % bootstrap interval over groups (a sequence, a frame's crops), and the
+    alarms' mean area (a fraction of the frame)."""
+    alarm = masks.reshape(len(masks), -1).any(axis=1)
+    area = masks.reshape(len(masks), -1).mean(axis=1)
+    lo, hi = bootstrap_ci(1.0 - alarm, groups)
+    return {"frames": int(len(masks)), "groups": len(set(groups)), "alarm_frames": int(alarm.sum()),
+            "alarm_rate": float(alarm.mean()), "specificity": float(1 - alarm.mean()), "specificity_ci": [lo, hi],
+            "alarm_area": float(area[alarm].mean()) if alarm.any() else 0.0}
+
+
 def evaluate(model: Segmenter, ds: ArrayDataset, steps: int = 1, timestep: int | None = None,
-             per_image: bool = False, batch_size: int = 16) -> dict:
+             per_image: bool = False, batch_size: int = 16, polyp_free: dict[str, ArrayDataset] | None = None) -> dict:
+    """Dice, IoU, HD95, NSD and polyps found on `ds`, at the checkpoint's operating point; with
+    `polyp_free` sets (name -> frames with no polyp), frame-level specificity on each."""
     started = time.perf_counter()
     preds = predict_masks(model, ds.images, steps, timestep, batch_size)
     seconds = time.perf_counter() - started
@@ -140,6 +172,10 @@ def evaluate(model: Segmenter, ds: ArrayDataset, steps: int = 1, timestep: int |
             stems = {ds.stems[i] for i in keep}
             result["by_source"][source] = {**summarise([rows[i] for i in keep], [ds.groups[i] for i in keep]),
                                            **recall_summary([p for p in polyps if p[0] in stems])}
+    if polyp_free:
+        result["polyp_free"] = {name: specificity(predict_masks(model, free.images, steps, timestep, batch_size),
+                                                  free.groups) for name, free in polyp_free.items() if len(free)}
+    result["operating_point"] = {"threshold": model.config.threshold, "min_area": model.config.min_area}
     if per_image:
         result["images"] = rows
     return result
@@ -165,14 +201,23 @@ def paired_difference(result: dict, baseline: dict, ds: ArrayDataset) -> dict:
 
 
 def source_table(result: dict) -> str:
-    """Markdown: one row per source (and all), mean Dice / IoU with their 95 % CI."""
+    """Markdown: one row per source (and all), mean Dice / IoU with their 95 % CI, polyps found;
+    then specificity on each polyp-free set."""
     rows = [("all", result)] + sorted(result.get("by_source", {}).items())
-    lines = ["| source | images | groups | Dice (95 % CI) | IoU (95 % CI) | HD95 (px) | small polyps found |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| source | images | groups | Dice (95 % CI) | IoU (95 % CI) | HD95 (px) | polyps found | small polyps found |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
         lines.append(f"| {name} | {r['n']} | {r['groups']} | {r['dice']:.3f} ({r['dice_ci'][0]:.3f}-{r['dice_ci'][1]:.3f}) | "
                      f"{r['iou']:.3f} ({r['iou_ci'][0]:.3f}-{r['iou_ci'][1]:.3f}) | {r['hd95']:.1f} | "
+                     f"{r.get('polyps_found', 0)} of {r.get('polyps', 0)} | "
                      f"{r.get('small_polyps_found', 0)} of {r.get('small_polyps', 0)} |")
+    if result.get("polyp_free"):
+        lines += ["", "| polyp-free set | frames | groups | frames with an alarm | specificity (95 % CI) | mean alarm area |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in result["polyp_free"].items():
+            lines.append(f"| {name} | {r['frames']} | {r['groups']} | {r['alarm_frames']} ({100 * r['alarm_rate']:.1f} %) | "
+                         f"{r['specificity']:.3f} ({r['specificity_ci'][0]:.3f}-{r['specificity_ci'][1]:.3f}) | "
+                         f"{100 * r['alarm_area']:.1f} % |")
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +229,10 @@ def paired_table(paired: dict) -> str:
     for name, r in rows:
         lines.append(f"| {name} | {r['n']} | {r['baseline_dice']:.3f} | {r['dice']:+.3f} "
                      f"({r['dice_ci'][0]:+.3f} to {r['dice_ci'][1]:+.3f}) |")
+    if paired.get("polyp_free"):
+        lines += ["", "| polyp-free set | its frames with an alarm | its specificity |", "|---|---|---|"]
+        lines += [f"| {name} | {r['alarm_frames']} of {r['frames']} | {r['specificity']:.3f} |"
+                  for name, r in paired["polyp_free"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -208,6 +257,41 @@ def recorded_sources(model_dir: Path) -> dict[str, dict]:
     return {str(Path(src["path"]).resolve()): src for src in json.loads(manifest.read_text())["sources"]}
 
 
+def named_sources(data: list[str], model_dir: Path) -> list[tuple[str, str]]:
+    """(name, folder) of each `--data` item: NAME=PATH, or PATH named as the checkpoint's manifest
+    names that folder, else by the folder's name; every folder must exist."""
+    manifest_names = {path: src["name"] for path, src in recorded_sources(Path(model_dir)).items()}
+    out = []
+    for item in data:
+        name, sep, path = item.partition("=")
+        if not sep:
+            path, name = item, manifest_names.get(str(Path(item).resolve()), Path(item).name)
+        if not Path(path).is_dir():
+            raise DatasetError(f"--data {path}: folder does not exist")
+        out.append((name, path))
+    return out
+
+
+def polyp_free_sets(free: list[str], crops_of_data: list[str], ds: ArrayDataset, model_dir: Path,
+                    size: int) -> dict[str, ArrayDataset]:
+    """The polyp-free sets `eval` scores: each `--polyp-free` folder (NAME=PATH or PATH, named by its
+    folder), and polyp-free crops of the scored images of the `--data` sources, cut as training cuts
+    them (`negatives.load_crops`, the recipe's defaults), each in its frame's group."""
+    from .negatives import crops_of, load_crops, named_polyp_free
+    from .recipe import NegativesSpec
+
+    sets = named_polyp_free(free, size)
+    if crops_of_data:
+        spec = NegativesSpec()
+        parts = [load_crops(path, size, spec.per_image, spec.seed, spec.min_scale, spec.margin, progress=False,
+                            skip_unpaired=True).prefixed(name) for name, path in named_sources(crops_of_data, model_dir)]
+        crops = parts[0]
+        for part in parts[1:]:
+            crops = crops.concat(part)
+        sets["crops of the scored images"] = crops_of(crops, ds)
+    return sets
+
+
 def load_eval_data(data: list[str], model_dir: Path, split_file: Path | None, split: str, subset: str | None,
                    size: int, warn, skip_unpaired: bool = False) -> ArrayDataset:
     """Sources named NAME=PATH (or PATH: named as the checkpoint's manifest names that folder, else by
@@ -220,12 +304,7 @@ def load_eval_data(data: list[str], model_dir: Path, split_file: Path | None, sp
     threshold = load_recipe(model_dir / "recipe.toml").split.phash_threshold if (model_dir / "recipe.toml").is_file() else 5
     try:
         parts = []
-        for item in data:
-            name, sep, path = item.partition("=")
-            if not sep:
-                path, name = item, manifest_names.get(str(Path(item).resolve()), Path(item).name)
-            if not Path(path).is_dir():
-                raise DatasetError(f"--data {path}: folder does not exist")
+        for name, path in named_sources(data, model_dir):
             ds = load_dataset(path, size, subset=subset, progress=False, skip_unreadable=skip_unpaired)
             how = grouping.get(name) or ("sequences" if (Path(path) / "sequences.csv").is_file() else "phash")
             ds.groups = group_ids(ds, how, Path(path), threshold)

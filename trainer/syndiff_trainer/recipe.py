@@ -118,6 +118,17 @@ class SamplingSpec(_Strict):
     small_fraction: float = Field(0.02, gt=0, lt=1)
 
 
+class NegativesSpec(_Strict):
+    """Polyp-free crops of the training frames, with empty masks (negatives.py): how the model
+    learns to say "nothing here". Cut once per frame at load time; drawn into every batch."""
+
+    rate: float = Field(0.0, ge=0, lt=1)  # share of the samples drawn that are polyp-free crops; 0: none
+    per_image: int = Field(2, ge=1)  # crops cut from each frame (fewer where its polyp leaves no room)
+    min_scale: float = Field(0.3, gt=0, le=1)  # smallest crop side, as a fraction of the field of view's
+    margin: float = Field(0.03, ge=0, lt=0.5)  # distance kept from every polyp pixel (fraction of the frame)
+    seed: int = 0
+
+
 class SyntheticSpec(_Strict):
     path: str = ""  # folder written by `syndiff-train synth`; empty: none
     count: int | None = None
@@ -143,6 +154,7 @@ class Recipe(_Strict):
     ema: EmaSpec = Field(default_factory=EmaSpec)
     stage1: Stage1Spec = Field(default_factory=Stage1Spec)
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    negatives: NegativesSpec = Field(default_factory=NegativesSpec)
     synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
 
     @model_validator(mode="after")

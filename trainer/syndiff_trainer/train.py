@@ -52,6 +52,7 @@ from syndiff_stream.model import CheckpointError, Segmenter, SegmenterConfig, in
 from .data import (ArrayDataset, BatchSampler, apply_split, build_augmenter, grouped_split,
                    load_sources, manifest_mismatch, sample_seed, small_polyp_weights)
 from .evaluate import predict_masks
+from .negatives import crops_of, load_crops
 from .recipe import RECIPE_NAME, Recipe, RecipeError, load_recipe, recipe_diff
 from .world import World
 
@@ -131,15 +132,18 @@ def library_versions() -> dict:
 
 # ---- evaluation used during training ---------------------------------------------------------
 
-def validation_metrics(model: Segmenter, ds: ArrayDataset, prefix: str) -> dict:
-    """Mean Dice over `ds` and per source: `{prefix}_dice`, `{prefix}_dice/<source>`."""
-    if not len(ds):
-        return {}
-    scores = np.array([dice(p, m) for p, m in zip(predict_masks(model, ds.images), ds.masks)])
-    out = {f"{prefix}_dice": float(scores.mean())}
-    sources = np.array(ds.sources)
-    for source in sorted(set(ds.sources)):
-        out[f"{prefix}_dice/{source or 'all'}"] = float(scores[sources == source].mean())
+def validation_metrics(model: Segmenter, ds: ArrayDataset, prefix: str, free: ArrayDataset | None = None) -> dict:
+    """Mean Dice over `ds` and per source: `{prefix}_dice`, `{prefix}_dice/<source>`; with
+    polyp-free crops `free`, the share of them on which something is predicted: `{prefix}_alarm`."""
+    out = {}
+    if len(ds):
+        scores = np.array([dice(p, m) for p, m in zip(predict_masks(model, ds.images), ds.masks)])
+        out[f"{prefix}_dice"] = float(scores.mean())
+        sources = np.array(ds.sources)
+        for source in sorted(set(ds.sources)):
+            out[f"{prefix}_dice/{source or 'all'}"] = float(scores[sources == source].mean())
+    if free is not None and len(free):
+        out[f"{prefix}_alarm"] = float(predict_masks(model, free.images).any(axis=(1, 2)).mean())
     return out
 
 
@@ -157,14 +161,17 @@ def reconstruction_dice(model: Segmenter, masks: np.ndarray, device, batch_size:
 # ---- stage 1 ---------------------------------------------------------------------------------
 
 def train_mask_autoencoder(model: Segmenter, train: ArrayDataset, val: ArrayDataset, recipe: Recipe, device,
-                           log, progress: bool) -> float:
-    """Masks only: L1 reconstruction + soft Dice + a light KL term. Sets the latent scale factor."""
+                           log, progress: bool, free: ArrayDataset | None = None) -> float:
+    """Masks only: L1 reconstruction + soft Dice + a light KL term. Sets the latent scale factor.
+    With polyp-free crops `free`, empty masks are drawn at the recipe's negative rate, so that the
+    empty latent the segmenter learns to predict decodes to nothing."""
     spec, vae = recipe.stage1, model.mask_vae
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=spec.lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, 0, spec.steps)
     augment = build_augmenter("standard" if recipe.augment.preset != "none" else "none")
-    sampler = BatchSampler(train, spec.batch_size, sample_seed(recipe.seed, 1), augment)
+    sampler = BatchSampler(train, spec.batch_size, sample_seed(recipe.seed, 1), augment,
+                           negatives=free, negative_rate=recipe.negatives.rate)
     best = 0.0
     with _progress(progress) as bar:
         task = bar.add_task("stage 1: mask autoencoder", total=spec.steps, info="")
@@ -336,7 +343,7 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     with world.main_first():  # the main process reads the data and writes the records; the others then read them
-        train, val, select, sources = _prepare(recipe, opts, out, world)
+        train, val, select, sources, free = _prepare(recipe, opts, out, world)
     log_file = (out / "log.jsonl").open("a") if world.is_main else None
     started = time.time()
 
@@ -364,7 +371,7 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
         if needs_stage1:  # small: the main process trains it, the others load its result
             if world.is_main:
                 rec = train_mask_autoencoder(model, train, select if len(select) else train.subset(range(min(64, len(train)))),
-                                             recipe, device, log, progress)
+                                             recipe, device, log, progress, free["train"])
                 model.save_pretrained(out / "mask_ae", extra={"stage": 1, "recon_dice": rec})
                 say(f"stage 1: mask autoencoder reconstruction Dice {rec:.4f}")
             world.barrier()
@@ -394,7 +401,8 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
         return m.eval()
 
     sampler = BatchSampler(train, recipe.batch_size, recipe.seed, build_augmenter(recipe.augment.preset),
-                           sources.weights, image_weights=small_polyp_weights(train, recipe.sampling))
+                           sources.weights, image_weights=small_polyp_weights(train, recipe.sampling),
+                           negatives=free["train"], negative_rate=recipe.negatives.rate)
     net = world.wrap(TrainStep(model))
     if opts.compile != "no":
         net = torch.compile(net, mode=None if opts.compile == "default" else opts.compile, dynamic=False)
@@ -457,7 +465,8 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
                        "sec_per_step": round(t_steps / max(1, n_steps), 4)}
             if world.is_main and (step % recipe.val_every == 0 or step == recipe.steps or step == stop):
                 scored = ema_model()
-                metrics = {**validation_metrics(scored, val, "val"), **validation_metrics(scored, select, "select")}
+                metrics = {**validation_metrics(scored, val, "val", free["val"]),
+                           **validation_metrics(scored, select, "select", free["select"])}
                 digest = weights_digest(scored)
                 row = {**(row or {"stage": 2, "step": step, "lr": lr,
                                   **{k: round(v.item(), 6) for k, v in losses.items()}}),
@@ -508,6 +517,10 @@ def _prepare(recipe: Recipe, opts: RunOptions, out: Path, world: World):
         split = make_split(recipe, ds)
     train, val = apply_split(ds, split)
     select = apply_split(ds, split, "select")
+    free = {"train": None, "val": None, "select": None}
+    if recipe.negatives.rate > 0:  # polyp-free crops, each on its frame's side of the split
+        crops = load_source_crops(recipe, opts.progress and world.is_main, **cache)
+        free = {"train": crops_of(crops, train), "val": crops_of(crops, val), "select": crops_of(crops, select)}
     if recipe.synthetic.path:  # built on real frames: those of held-out images must stay out
         from .synthetic import load_synthetic, synthetic_count
 
@@ -523,9 +536,22 @@ def _prepare(recipe: Recipe, opts: RunOptions, out: Path, world: World):
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv,
             "threads": torch.get_num_threads(), "device": str(world.device), "processes": world.size,
             "grad_accum": opts.grad_accum, "precision": opts.precision, "libraries": library_versions(),
-            "data": {"train": len(train), "select": len(select), "val": len(val)}}, indent=1))
+            "data": {"train": len(train), "select": len(select), "val": len(val),
+                     **({f"{k}_polyp_free_crops": len(v) for k, v in free.items() if v is not None})}}, indent=1))
         write_text(out / RECIPE_NAME, recipe.to_toml())
-    return train, val, select, sources
+    return train, val, select, sources, free
+
+
+def load_source_crops(recipe: Recipe, progress: bool = False, cache_dir: Path | None = None) -> ArrayDataset:
+    """The recipe's polyp-free crops of every source's frames, prefixed like the frames."""
+    spec = recipe.negatives
+    parts = [load_crops(s.path, recipe.image_size, spec.per_image, spec.seed, spec.min_scale, spec.margin,
+                        progress=progress, skip_unpaired=s.skip_unpaired,
+                        **({"cache_dir": cache_dir} if cache_dir else {})).prefixed(s.name) for s in recipe.data]
+    crops = parts[0]
+    for part in parts[1:]:
+        crops = crops.concat(part)
+    return crops
 
 
 def finish(out: Path, recipe: Recipe) -> dict:

@@ -4,7 +4,9 @@ Inputs (each becomes one or more clips, each clip played through the real runtim
 with the same stages, smoothing and alarm gating as `syndiff-stream run`, on the chosen backend):
   video + masks   a video file and a folder of per-frame masks in frame order (natural name order)
   sequences       a dataset folder (images/, masks/) with sequences.csv (frame, sequence): one clip
-                  per sequence, frames in number order, played at `fps` (CVC-ClinicDB)
+                  per sequence, frames in number order, played at `fps` (CVC-ClinicDB); without
+                  masks/, every frame is polyp-free (polyp-free-val): what is left to measure is
+                  alarms, frames with one and false alarms per minute
   pseudo:FOLDER   a virtual camera over each still image: one clip of `frames_per_image` per image
 
 Metrics, on what the overlay shows (the gated mask), with the rules stated:
@@ -72,7 +74,7 @@ class PairSource(Source):
 
     kind = "folder"
 
-    def __init__(self, name: str, pairs: list[tuple[Path, Path]], fps: float):
+    def __init__(self, name: str, pairs: list[tuple[Path, Path | None]], fps: float):
         self.source_id, self.pairs, self.fps = name, pairs, fps
 
     def __len__(self) -> int:
@@ -82,7 +84,9 @@ class PairSource(Source):
         from syndiff_stream.datasets import read_image, read_mask
 
         for i, (image, mask) in enumerate(self.pairs):
-            yield Frame(read_image(image), self.source_id, i, i / self.fps, truth=read_mask(mask))
+            pixels = read_image(image)
+            truth = read_mask(mask) if mask is not None else np.zeros(pixels.shape[:2], bool)  # polyp-free
+            yield Frame(pixels, self.source_id, i, i / self.fps, truth=truth)
 
 
 class MaskedVideoSource(Source):
@@ -122,17 +126,19 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 def sequence_clips(folder: str | Path, fps: float = 25.0, limit: int | None = None) -> list[Clip]:
     """One clip per sequence of sequences.csv (columns frame, sequence); every named frame must
-    have an image and a mask of the same size."""
+    have an image and a mask of the same size. A folder without masks/ holds polyp-free sequences:
+    every frame's true mask is empty."""
     folder = Path(folder)
     table = folder / "sequences.csv"
     if not table.is_file():
         raise EvalInputError(f"{table}: no such file (a sequences folder needs sequences.csv: frame,sequence)")
     image_dir, mask_dir = folder / "images", folder / "masks"
-    for d in (image_dir, mask_dir):
-        if not d.is_dir():
-            raise EvalInputError(f"{d}: no such folder (a sequences folder holds images/ and masks/)")
+    if not image_dir.is_dir():
+        raise EvalInputError(f"{image_dir}: no such folder (a sequences folder holds images/, and masks/ "
+                             "unless every frame is polyp-free)")
     images = {p.stem: p for p in image_dir.iterdir() if p.is_file()}
-    masks = {p.stem: p for p in mask_dir.iterdir() if p.is_file()}
+    polyp_free = not mask_dir.exists()
+    masks = {} if polyp_free else {p.stem: p for p in mask_dir.iterdir() if p.is_file()}
     groups: dict[str, list[str]] = {}
     with table.open(newline="") as f:
         reader = csv.DictReader(f)
@@ -142,7 +148,7 @@ def sequence_clips(folder: str | Path, fps: float = 25.0, limit: int | None = No
             frame = Path(row["frame"].strip()).stem
             if frame not in images:
                 raise EvalInputError(f"{table} line {line}: frame {row['frame']!r} has no image in {image_dir}")
-            if frame not in masks:
+            if frame not in masks and not polyp_free:
                 raise EvalInputError(f"{table} line {line}: frame {row['frame']!r} has no mask in {mask_dir}")
             groups.setdefault(row["sequence"].strip(), []).append(frame)
     if not groups:
@@ -151,9 +157,9 @@ def sequence_clips(folder: str | Path, fps: float = 25.0, limit: int | None = No
     clips = []
     for seq in order:
         frames = sorted(groups[seq], key=lambda s: _natural_key(Path(s)))
-        pairs = [(images[s], masks[s]) for s in frames]
+        pairs = [(images[s], masks.get(s)) for s in frames]
         for image, mask in pairs:
-            if _image_size(image) != _image_size(mask):
+            if mask is not None and _image_size(image) != _image_size(mask):
                 raise EvalInputError(f"{mask}: mask size {_image_size(mask)} does not match its frame {image} "
                                      f"{_image_size(image)}")
         name = f"sequence {seq}"
@@ -430,6 +436,7 @@ def summarise(clips: list[dict], latency_ms: dict | None = None) -> dict:
         "false_alarm_events": events,
         "false_alarms_per_minute": round(events / minutes, 3) if minutes else None,
         "polyp_free_frames": free,
+        "polyp_free_frames_with_alarm": sum(c["polyp_free_frames_with_prediction"] for c in clips),
         "fp_rate_polyp_free_frames": round(sum(c["polyp_free_frames_with_prediction"] for c in clips) / free, 4)
         if free else None,
         "flicker_pred": round(sum(c["flicker_pred_sum"] for c in clips) / pairs, 4) if pairs else None,
@@ -566,6 +573,7 @@ def gating_sweep(runs: list[ClipRun], rules: Rules, holds, persists) -> list[dic
         s = summarise([r.score(rules, GateConfig(persist=n, hold=hold)) for r in runs])
         rows.append({"persist": n, "hold": hold, "false_alarms_per_minute": s["false_alarms_per_minute"],
                      "false_alarm_events": s["false_alarm_events"], "sensitivity": s["sensitivity"],
+                     "fp_rate_polyp_free_frames": s["fp_rate_polyp_free_frames"],
                      "ttd_frames_median": s["ttd_frames"]["median"], "ttd_frames_worst": s["ttd_frames"]["worst"],
                      "ttd_ms_median": s["ttd_ms"]["median"], "ttd_ms_worst": s["ttd_ms"]["worst"],
                      "dice_all": s["dice_all"]["mean"], "flicker_pred": s["flicker_pred"]})
@@ -687,6 +695,12 @@ def run_eval_video(source: str, masks=None, fps=None, model=None, backend="auto"
         typer.echo(json.dumps(result))
     else:
         s = result["summary"]
+        if not s["polyps"]:  # polyp-free clips: alarms are all there is to measure
+            typer.echo(f"{s['clips']} clips, {s['frames']} frames ({s['minutes']:.2f} min), all polyp-free: an alarm "
+                       f"on {s['polyp_free_frames_with_alarm']} frames ({100 * (s['fp_rate_polyp_free_frames'] or 0):.1f} %), "
+                       f"{s['false_alarm_events']} false alarms ({s['false_alarms_per_minute']} per minute), latency p50 "
+                       f"{(s['latency_ms'] or {}).get('p50')} ms")
+            return result
         typer.echo(f"{s['clips']} clips, {s['frames']} frames ({s['minutes']:.2f} min): sensitivity {s['detected']}/"
                    f"{s['polyps']}, time to first detection median {s['ttd_ms']['median']} ms (worst "
                    f"{s['ttd_ms']['worst']} ms), {s['false_alarms_per_minute']} false alarms/min, Dice "

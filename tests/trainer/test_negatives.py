@@ -1,0 +1,123 @@
+"""Polyp-free data: crops away from the polyp, their groups, their share of the batches, and the
+polyp-free frame folders that validation reads."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from syndiff_trainer.data import ArrayDataset, BatchSampler
+from syndiff_trainer.negatives import (FREE_MARK, crop_windows, crops_of, load_crops, load_polyp_free,
+                                       parent_stem)
+
+
+def _frame(h=240, w=320, polyp=(100, 60, 180, 140)):
+    """A bright frame with a black border left and right, and a square polyp (x0, y0, x1, y1)."""
+    image = np.full((h, w, 3), 150, np.uint8)
+    image[:, :20] = image[:, -20:] = 0
+    mask = np.zeros((h, w), bool)
+    x0, y0, x1, y1 = polyp
+    mask[y0:y1, x0:x1] = True
+    return image, mask
+
+
+def test_crop_windows_keep_their_distance_from_every_polyp_pixel():
+    image, mask = _frame()
+    margin = 0.05
+    pad = round(margin * 320)
+    grown = cv2.dilate(mask.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pad + 1,) * 2))
+    windows = crop_windows(mask, image, 6, np.random.default_rng(0), min_scale=0.3, margin=margin)
+    assert len(windows) == 6
+    for x0, y0, x1, y1 in windows:
+        assert not grown[y0:y1, x0:x1].any()
+        assert (image[y0:y1, x0:x1].max(axis=2) >= 20).mean() >= 0.7  # mostly scope image, not border
+        # shaped like the field of view (280 x 240), at one of the scales
+        assert abs((x1 - x0) / (y1 - y0) - 280 / 240) < 0.05
+
+
+def test_no_crop_where_the_polyp_fills_the_frame():
+    image, mask = _frame(polyp=(20, 0, 300, 240))
+    assert crop_windows(mask, image, 3, np.random.default_rng(0)) == []
+
+
+def test_the_first_crop_is_the_largest_that_fits():
+    image, mask = _frame(polyp=(260, 200, 300, 240))  # a small polyp in a corner: room for a large crop
+    first, *_ = crop_windows(mask, image, 3, np.random.default_rng(0), margin=0.0)
+    assert (first[2] - first[0]) == int(280 * 0.8)
+
+
+def test_crops_are_cached_named_after_their_frame_and_empty(kvasir_subset, tmp_path):
+    crops = load_crops(kvasir_subset, 64, per_image=2, cache_dir=tmp_path, progress=False)
+    again = load_crops(kvasir_subset, 64, per_image=2, cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*-free-*.npz"))) == 1
+    assert again.stems == crops.stems and np.array_equal(again.images, crops.images)
+    assert crops.images.shape[1:] == (64, 64, 3) and not crops.masks.any()
+    frames = {p.stem for p in (kvasir_subset / "images").iterdir()}
+    assert all(FREE_MARK in s and parent_stem(s) in frames for s in crops.stems)
+    other_seed = load_crops(kvasir_subset, 64, per_image=2, seed=1, cache_dir=tmp_path, progress=False)
+    assert not np.array_equal(other_seed.images, crops.images)
+
+
+def test_crops_follow_their_frame_into_its_group_and_side():
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    frames = ArrayDataset(images, np.zeros((3, 8, 8), bool), ["k/a", "k/b", "k/c"], ["g1", "g1", "g2"])
+    crops = ArrayDataset(np.zeros((4, 8, 8, 3), np.uint8), np.zeros((4, 8, 8), bool),
+                         ["k/a~free0", "k/a~free1", "k/c~free0", "k/z~free0"])
+    val = frames.subset([2])
+    mine = crops_of(crops, val)
+    assert mine.stems == ["k/c~free0"] and mine.groups == ["g2"]
+    assert crops_of(crops, frames).groups == ["g1", "g1", "g2"]
+
+
+def test_batches_draw_polyp_free_crops_at_the_recipe_rate():
+    n = 40
+    frames = ArrayDataset(np.full((n, 8, 8, 3), 200, np.uint8), np.ones((n, 8, 8), bool),
+                          [f"a/{i}" for i in range(n // 2)] + [f"b/{i}" for i in range(n // 2)])
+    crops = ArrayDataset(np.zeros((10, 8, 8, 3), np.uint8), np.zeros((10, 8, 8), bool),
+                         [f"a/{i}~free0" for i in range(5)] + [f"b/{i}~free0" for i in range(5)])
+    sampler = BatchSampler(frames, 64, seed=0, negatives=crops, negative_rate=0.25)
+    _, masks = zip(*(sampler.batch(step) for step in range(20)))
+    empty = np.mean([not m.any() for batch in masks for m in batch])
+    assert 0.2 < empty < 0.3
+    assert np.isclose(sampler.p[n:].sum(), 0.25)
+    without = BatchSampler(frames, 64, seed=0)
+    assert np.array_equal(without.indices(3), BatchSampler(frames, 64, seed=0, negatives=crops).indices(3))
+
+
+def test_polyp_free_folder_groups_by_sequence_and_is_cached(tmp_path):
+    root = tmp_path / "free"
+    (root / "images").mkdir(parents=True)
+    for seq, k in [(1, 1), (1, 2), (2, 1)]:
+        cv2.imwrite(str(root / "images" / f"seq{seq}_img{k}.jpg"), np.full((48, 64, 3), 90 + k, np.uint8))
+    (root / "sequences.csv").write_text("frame,sequence\nseq1_img1,seq1\nseq1_img2,seq1\nseq2_img1,seq2\n")
+    ds = load_polyp_free(root, 32, cache_dir=tmp_path / "cache")
+    assert ds.images.shape == (3, 32, 32, 3) and not ds.masks.any()
+    assert dict(zip(ds.stems, ds.groups)) == {"seq1_img1": "seq1", "seq1_img2": "seq1", "seq2_img1": "seq2"}
+    assert load_polyp_free(root, 32, cache_dir=tmp_path / "cache").stems == ds.stems
+
+
+def test_polyp_free_folder_errors_name_the_folder(tmp_path):
+    from syndiff_stream.datasets import DatasetError
+
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_polyp_free(tmp_path / "nowhere", 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="holds no images"):
+        load_polyp_free(tmp_path / "empty", 32)
+
+
+def test_a_run_with_polyp_free_crops_records_them_and_scores_alarms(kvasir_40, tmp_path):
+    from recipes import tiny_recipe
+
+    from syndiff_trainer.train import RunOptions, fit
+
+    recipe = tiny_recipe(("kvasir", kvasir_40, "phash"), sets=["negatives.rate=0.3", "negatives.per_image=1"])
+    fit(recipe, RunOptions(out=str(tmp_path / "run"), progress=False, threads=1, cache_dir=str(tmp_path / "cache")))
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["data"]["train_polyp_free_crops"] > 0 and run["data"]["val_polyp_free_crops"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert any("val_alarm" in r for r in rows)
+    assert "[negatives]" in (tmp_path / "run" / "recipe.toml").read_text()
