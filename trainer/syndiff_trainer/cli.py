@@ -101,14 +101,16 @@ def reproduce(
     progress: bool = typer.Option(True, help="show progress bars"),
 ):
     """Rerun a checkpoint's recorded recipe on its recorded data and compare the weights."""
-    from .train import RunOptions, reproduce as run_reproduce
+    from .train import RunOptions, explain, reproduce as run_reproduce
 
     report = _run(run_reproduce, checkpoint, RunOptions(out=str(out), device=device, threads=threads,
                                                         stop_at=stop_at, progress=progress))
     typer.echo(json.dumps(report))
     if report.get("identical") is False:
-        typer.secho("weights differ from the recorded run (see threads / library versions in run.json)", err=True)
+        typer.secho(explain(report), err=True)
         raise typer.Exit(1)
+    if report.get("identical") and report.get("differences"):
+        typer.secho("bit-identical, although the records differ in: " + "; ".join(report["differences"]), err=True)
 
 
 @app.command()

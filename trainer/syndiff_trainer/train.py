@@ -52,6 +52,7 @@ from syndiff_stream.model import CheckpointError, Segmenter, SegmenterConfig, in
 from .data import (ArrayDataset, BatchSampler, apply_split, build_augmenter, grouped_split,
                    load_sources, manifest_mismatch, sample_seed, small_polyp_weights)
 from .evaluate import predict_masks
+from .machine import differences, machine_facts
 from .negatives import crops_of, load_crops
 from .recipe import RECIPE_NAME, Recipe, RecipeError, load_recipe, recipe_diff
 from .world import World
@@ -535,7 +536,8 @@ def _prepare(recipe: Recipe, opts: RunOptions, out: Path, world: World):
         write_text(out / "run.json", json.dumps({
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv,
             "threads": torch.get_num_threads(), "device": str(world.device), "processes": world.size,
-            "grad_accum": opts.grad_accum, "precision": opts.precision, "libraries": library_versions(),
+            "grad_accum": opts.grad_accum, "precision": opts.precision, "compile": opts.compile,
+            "machine": machine_facts(world.device), "libraries": library_versions(),
             "data": {"train": len(train), "select": len(select), "val": len(val),
                      **({f"{k}_polyp_free_crops": len(v) for k, v in free.items() if v is not None})}}, indent=1))
         write_text(out / RECIPE_NAME, recipe.to_toml())
@@ -614,4 +616,18 @@ def reproduce(checkpoint: str | Path, opts: RunOptions) -> dict:
         report["identical"] = want["ema_sha256"] == mine.get("ema_sha256")
         report["recorded_val_dice"] = want.get("val_dice")
         report["val_dice"] = mine.get("val_dice")
+    # what could make the weights differ: the facts of the two runs' records that are not the same
+    report["differences"] = differences(run_json, json.loads((out / "run.json").read_text()))
     return report
+
+
+def explain(report: dict) -> str:
+    """One paragraph on a reproduce report whose weights differ: the machine facts that differ,
+    or, when none do, that the record cannot tell why (docs/training.md, Reproducing)."""
+    if report.get("differences"):
+        return ("weights differ from the recorded run; what differs between the two runs' records: "
+                + "; ".join(report["differences"]) + " (on another kind of machine the weights differ in the last "
+                "bits and the scores within the spread in docs/training.md)")
+    return ("weights differ from the recorded run, though every fact both records hold is the same here (CPU, "
+            "vector extensions, kernels, threads, math libraries, device, library versions): something the record "
+            "does not hold changed, such as the code itself or its dependencies' own dependencies")
