@@ -17,6 +17,7 @@ import torch
 
 from .backends import Backend
 from .frames import LivePolicy, Mode
+from .machine import ceiling
 from .model import Segmenter
 from .pipeline import Pipeline
 from .preprocess import prepare
@@ -147,6 +148,8 @@ def run_benchmark(seg: Segmenter, backend: Backend, make_source: Callable[[], So
         "input_size": backend.input_size, "source": source.source_id, "batch": pipeline.batch_size,
         **stats.as_dict(), "torch_threads": torch.get_num_threads(),
     }
+    threads = getattr(backend, "threads", None) or torch.get_num_threads()
+    report["ceiling"] = ceiling(seg, threads, report["model_fps"], report["e2e_fps"], backend.device)
     if compare_steps:
         report.update(compare_step_counts(seg, make_source(), compare_steps, compare_frames, compare_rounds))
     if compare_backends:

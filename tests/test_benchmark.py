@@ -13,3 +13,40 @@ def test_compared_models_run_with_the_same_threads(rt_tiny_segmenter, tmp_path):
                             rounds=3)
     assert main.workers == other.workers == 1  # one call at a time, both threads for it, for every model
     assert set(report["compare_models"]) == {"model", "other"}
+
+
+def test_bench_reports_the_machine_ceiling_and_the_share_reached(rt_tiny_segmenter):
+    import pytest
+
+    from syndiff_stream.backends import EagerBackend
+    from syndiff_stream.benchmark import run_benchmark
+    from syndiff_stream.machine import model_flops
+
+    backend = EagerBackend(rt_tiny_segmenter)
+    report = run_benchmark(rt_tiny_segmenter, backend, lambda: DemoSource(size=(72, 90), frames=6, seed=1), frames=6)
+    c = report["ceiling"]
+    assert c["cpu"]["model"] and c["cpu"]["kernel_capability"] and isinstance(c["cpu"]["vector_extensions"], list)
+    assert c["model_gflop_per_frame"] == round(model_flops(rt_tiny_segmenter) / 1e9, 4) > 0
+    assert c["matmul_gflops"] > 0 and c["threads"] >= 1
+    assert c["ceiling_fps"] == pytest.approx(c["matmul_gflops"] / c["model_gflop_per_frame"], rel=0.01)
+    assert c["model_share"] == pytest.approx(report["model_fps"] / c["ceiling_fps"], rel=0.01, abs=1e-3)
+    assert c["pipeline_share"] == pytest.approx(report["e2e_fps"] / c["ceiling_fps"], rel=0.01, abs=1e-3)
+    assert c["pipeline_of_model"] == pytest.approx(report["e2e_fps"] / report["model_fps"], rel=0.01)
+
+
+def test_flops_of_a_convolution_are_counted_as_two_per_multiply_add():
+    import torch
+
+    from syndiff_stream.machine import matmul_gflops, model_flops
+
+    class One(torch.nn.Module):  # just enough of a Segmenter for model_flops
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+            self.config = type("C", (), {"image_size": 8})()
+
+        def predict_proba(self, x):
+            return self.conv(x)
+
+    assert model_flops(One()) == 2 * 3 * 4 * 9 * 8 * 8
+    assert matmul_gflops(1, size=64, seconds=0.05) > 0

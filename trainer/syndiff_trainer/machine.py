@@ -10,33 +10,15 @@ so that `reproduce` can say which of them differ when the weights do.
 
 from __future__ import annotations
 
-import platform
-import re
 import subprocess
-from pathlib import Path
 
 import torch
 
-# CPU flags that choose kernels (x86 and Arm); the rest of /proc/cpuinfo's flags do not.
-VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-                "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2")
+from syndiff_stream.machine import cpu_facts
+
 # Lines of torch.__config__.show() that name the libraries and the dispatch level behind the kernels.
 CONFIG_KEYS = ("CPU capability", "Math Kernel Library", "oneDNN", "MKL-DNN", "OpenMP", "LAPACK", "NNPACK",
                "CUDA Runtime", "CuDNN", "OpenBLAS")
-
-
-def cpu_facts() -> dict:
-    """CPU model and its kernel-choosing vector extensions, from /proc/cpuinfo where there is one."""
-    model, flags = platform.processor() or platform.machine(), set()
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        text = info.read_text(errors="replace")
-        found = re.search(r"^(?:model name|Model|Hardware)\s*:\s*(.+)$", text, re.M)
-        model = found.group(1).strip() if found else model
-        words = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M)
-        flags = set(words.group(1).split()) if words else set()
-    return {"model": model, "vector_extensions": [f for f in VECTOR_FLAGS if f in flags],
-            "kernel_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def library_build() -> list[str]:
