@@ -82,9 +82,13 @@ def test_batches_draw_polyp_free_crops_at_the_recipe_rate():
     _, masks = zip(*(sampler.batch(step) for step in range(20)))
     empty = np.mean([not m.any() for batch in masks for m in batch])
     assert 0.2 < empty < 0.3
-    assert np.isclose(sampler.p[n:].sum(), 0.25)
+    assert sampler.rate_at(0) == 0.25 and np.isclose(sampler.p_free[n:].sum(), 1) and np.isclose(sampler.p[:n].sum(), 1)
     without = BatchSampler(frames, 64, seed=0)
     assert np.array_equal(without.indices(3), BatchSampler(frames, 64, seed=0, negatives=crops).indices(3))
+    later = BatchSampler(frames, 64, seed=0, negatives=crops, negative_rate=0.25, negatives_from=5, negatives_ramp=4)
+    assert all(np.array_equal(later.indices(s), without.indices(s)) for s in range(5))  # frames only, as without
+    assert [later.rate_at(s) for s in (4, 5, 6, 8, 20)] == [0.0, 0.0625, 0.125, 0.25, 0.25]
+    assert np.array_equal(later.indices(8), sampler.indices(8)) and (later.indices(8) >= n).any()
 
 
 def test_polyp_free_folder_groups_by_sequence_and_is_cached(tmp_path):

@@ -113,23 +113,24 @@ def run_cross_centre(recipe: Recipe, out: Path, only: tuple[str, ...] = (), poly
     out = Path(out)
     sources = load_sources(recipe.data, recipe.image_size, recipe.split.phash_threshold, progress=False,
                            **({"cache_dir": Path(options["cache_dir"])} if options.get("cache_dir") else {}))
-    spec = NegativesSpec()
-    crops = None
-    for s in recipe.data:  # polyp-free crops of every centre, cut as training cuts them
-        part = load_crops(s.path, recipe.image_size, spec.per_image, spec.seed, spec.min_scale, spec.margin,
-                          progress=False, skip_unpaired=s.skip_unpaired,
-                          **({"cache_dir": Path(options["cache_dir"])} if options.get("cache_dir") else {})).prefixed(s.name)
-        crops = part if crops is None else crops.concat(part)
-    results, splits = {}, {}
+    def centre_crops(name: str):
+        """The held-out centre's polyp-free crops, cut as training cuts them (loaded only to score:
+        a fold's training holds its own data)."""
+        spec, source = NegativesSpec(), next(s for s in recipe.data if s.name == name)
+        return load_crops(source.path, recipe.image_size, spec.per_image, spec.seed, spec.min_scale, spec.margin,
+                          progress=False, skip_unpaired=source.skip_unpaired,
+                          **({"cache_dir": Path(options["cache_dir"])} if options.get("cache_dir") else {})).prefixed(name)
+
+    results = {}
     for held in names:
         run = out / f"holdout-{held}"
-        split = splits[held] = grouped_split(sources.ds, 0.0, 0.0, recipe.split.seed, holdout=held)
+        split = grouped_split(sources.ds, 0.0, 0.0, recipe.split.seed, holdout=held)
         if only and held not in only:
             if not (run / "model").is_dir():
                 continue
         else:
             _train(recipe, split, run, **options)
-        results[held] = _score_fold(run, sources.ds, split, polyp_free or {}, crops)
+        results[held] = _score_fold(run, sources.ds, split, polyp_free or {}, centre_crops(held))
     summary = {"folds": results, "summary": loco_summary(results)}
     if against is not None:
         summary["against"] = {"folder": str(against),

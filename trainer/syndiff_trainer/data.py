@@ -405,15 +405,29 @@ class BatchSampler:
 
     def __init__(self, ds: ArrayDataset, batch_size: int, seed: int, augment=None,
                  source_weights: dict[str, float] | None = None, image_weights: np.ndarray | None = None,
-                 negatives: ArrayDataset | None = None, negative_rate: float = 0.0):
+                 negatives: ArrayDataset | None = None, negative_rate: float = 0.0, negatives_from: int = 0,
+                 negatives_ramp: int = 0):
         self.batch_size, self.seed, self.augment = batch_size, seed, augment
         self._local = threading.local()  # one copy of the augmenter per loader thread: it holds its seed
-        p = self._source_weighted(ds, source_weights, image_weights)
+        self.p = self._source_weighted(ds, source_weights, image_weights)
+        self.p_free = None
+        self.rate, self.negatives_from, self.negatives_ramp = negative_rate, negatives_from, negatives_ramp
+        self.parts = [ds]  # the frames, then the crops: index i >= len(frames) is crop i - len(frames)
         if negatives is not None and len(negatives) and negative_rate > 0:
-            # polyp-free crops take `negative_rate` of the draws, shared among sources as the frames are
-            ds = ds.concat(negatives)
-            p = np.concatenate([(1 - negative_rate) * p, negative_rate * self._source_weighted(negatives, source_weights)])
-        self.ds, self.p = ds, p
+            # polyp-free crops take `rate_at(step)` of the draws, shared among sources as the frames
+            # are; before any, frames only: the very draws of a sampler without crops
+            self.p = np.concatenate([self.p, np.zeros(len(negatives))])
+            self.p_free = np.concatenate([np.zeros(len(ds)), self._source_weighted(negatives, source_weights)])
+            self.parts.append(negatives)  # not concatenated: a copy of every training image would cost GBs
+
+    def rate_at(self, step: int) -> float:
+        """Share of polyp-free crops in batch `step`: none before `negatives_from`, then rising
+        linearly to the full rate over `negatives_ramp` steps."""
+        if self.p_free is None or step < self.negatives_from:
+            return 0.0
+        if self.negatives_ramp <= 0:
+            return self.rate
+        return self.rate * min(1.0, (step - self.negatives_from + 1) / self.negatives_ramp)
 
     @staticmethod
     def _source_weighted(ds: ArrayDataset, source_weights: dict[str, float] | None,
@@ -431,7 +445,18 @@ class BatchSampler:
 
     def indices(self, step: int) -> np.ndarray:
         rng = np.random.default_rng(sample_seed(self.seed, step))
-        return rng.choice(len(self.ds), size=self.batch_size, p=self.p)
+        rate = self.rate_at(step)
+        p = self.p if rate == 0 else (1 - rate) * self.p + rate * self.p_free
+        return rng.choice(len(self.p), size=self.batch_size, p=p)
+
+    def _take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images and masks of draw indices over frames and crops together."""
+        frames = self.parts[0]
+        if len(self.parts) == 1 or (idx < len(frames)).all():
+            return frames.images[idx], frames.masks[idx]
+        crops = self.parts[1]
+        pick = [(frames, i) if i < len(frames) else (crops, i - len(frames)) for i in idx]
+        return np.stack([d.images[i] for d, i in pick]), np.stack([d.masks[i] for d, i in pick])
 
     def batch(self, step: int, slots: slice = slice(None)):
         """Batch `step`, or only its `slots` (one process's share of a global batch): sample i of
@@ -440,7 +465,8 @@ class BatchSampler:
 
         first = slots.indices(self.batch_size)[0]
         idx = self.indices(step)[slots]
-        images, masks = self.ds.images[idx], self.ds.masks[idx].astype(np.uint8)
+        images, masks = self._take(idx)
+        masks = masks.astype(np.uint8)
         if self.augment is not None:
             augment = getattr(self._local, "augment", None)
             if augment is None:

@@ -127,6 +127,11 @@ class NegativesSpec(_Strict):
     min_scale: float = Field(0.3, gt=0, le=1)  # smallest crop side, as a fraction of the field of view's
     margin: float = Field(0.03, ge=0, lt=0.5)  # distance kept from every polyp pixel (fraction of the frame)
     seed: int = 0
+    # Stage-2 step of the first crop, and the steps over which their share then rises to `rate`:
+    # drawn from the first step, a quarter of empty targets made the compact model predict nothing
+    # on any frame for 1 000 steps and more (docs/training.md); so it first learns to segment.
+    start: int = Field(0, ge=0)
+    ramp: int = Field(0, ge=0)
 
 
 class SyntheticSpec(_Strict):

@@ -403,7 +403,8 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
 
     sampler = BatchSampler(train, recipe.batch_size, recipe.seed, build_augmenter(recipe.augment.preset),
                            sources.weights, image_weights=small_polyp_weights(train, recipe.sampling),
-                           negatives=free["train"], negative_rate=recipe.negatives.rate)
+                           negatives=free["train"], negative_rate=recipe.negatives.rate,
+                           negatives_from=recipe.negatives.start, negatives_ramp=recipe.negatives.ramp)
     net = world.wrap(TrainStep(model))
     if opts.compile != "no":
         net = torch.compile(net, mode=None if opts.compile == "default" else opts.compile, dynamic=False)
