@@ -71,6 +71,40 @@ def test_tversky_focal_weighs_missed_pixels_by_beta():
     assert torch.isfinite(losses["mask"]) and losses["loss"].requires_grad
 
 
+def test_overlap_terms_skip_empty_targets():
+    """A polyp-free sample adds nothing to the Dice / Tversky term (its soft overlap is 1 only for an
+    exactly empty prediction, which taught the model to predict nothing), only to the pixel terms;
+    a batch of polyps only keeps the plain per-sample mean."""
+    from syndiff_stream.model import over_polyps, soft_dice, tversky_focal_loss
+
+    mask = torch.zeros(4, 1, 8, 8)
+    mask[:2, :, 2:5, 2:5] = 1
+    prob = torch.full_like(mask, 0.3)
+    per_sample = 1 - soft_dice(prob, mask)
+    assert per_sample[2:].min() > 0.9  # an empty target charges a faint guess almost like a miss
+    assert torch.allclose(over_polyps(per_sample, mask), per_sample[:2].mean())
+    assert over_polyps(per_sample, torch.zeros_like(mask)) == 0
+    full = torch.ones_like(mask)
+    assert torch.equal(over_polyps(per_sample, full), per_sample.mean())
+
+    logits = torch.full_like(mask, 2.0)  # a blob everywhere: the empty samples pay through the pixel term
+    with_empty = tversky_focal_loss(logits, mask, beta=0.7, gamma=2.0, overlap_on_empty=False)
+    polyps_only = tversky_focal_loss(logits[:2], mask[:2], beta=0.7, gamma=2.0, overlap_on_empty=False)
+    assert polyps_only < with_empty < tversky_focal_loss(logits, mask, beta=0.7, gamma=2.0)
+
+    # the model's loss follows its config; the earlier loss stays the default (old checkpoints rebuild)
+    torch.manual_seed(0)
+    image, t, noise = torch.randn(4, 3, 64, 64), torch.tensor([999] * 4), torch.randn(4, 4, 8, 8)
+    masks = torch.zeros(4, 1, 64, 64)
+    masks[:2, :, 10:30, 10:30] = 1
+    old = Segmenter(preset_config("tiny", image_size=64))
+    new = Segmenter(preset_config("tiny", image_size=64, overlap_on_empty=False))
+    new.load_state_dict(old.state_dict())
+    l_old = old.training_losses(image, masks, t=t, noise=noise)["mask"]
+    l_new = new.training_losses(image, masks, t=t, noise=noise)["mask"]
+    assert l_new < l_old
+
+
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
 def test_latent_estimate_matches_diffusers_ddim_step(kind):
     """Our z0~ is what diffusers' own DDIMScheduler.step calls pred_original_sample."""

@@ -125,3 +125,28 @@ def test_a_run_with_polyp_free_crops_records_them_and_scores_alarms(kvasir_40, t
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert any("val_alarm" in r for r in rows)
     assert "[negatives]" in (tmp_path / "run" / "recipe.toml").read_text()
+
+
+@pytest.mark.parametrize("stage1", [True, False])
+def test_stage1_draws_empty_masks_only_when_the_recipe_says(kvasir_40, tmp_path, monkeypatch, stage1):
+    """negatives.stage1 = false keeps the mask autoencoder on the frames' masks (docs/runs/loco)."""
+    from recipes import tiny_recipe
+
+    import syndiff_trainer.train as train
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def spy(model, frames, val, recipe, device, log, progress, free=None):
+        seen["free"] = free
+        raise Stop
+
+    monkeypatch.setattr(train, "train_mask_autoencoder", spy)
+    recipe = tiny_recipe(("kvasir", kvasir_40, "phash"),
+                         sets=["negatives.rate=0.3", "negatives.per_image=1", f"negatives.stage1={str(stage1).lower()}"])
+    with pytest.raises(Stop):
+        train.fit(recipe, train.RunOptions(out=str(tmp_path / "run"), progress=False, threads=1,
+                                           cache_dir=str(tmp_path / "cache")))
+    assert (seen["free"] is not None and len(seen["free"]) > 0) == stage1

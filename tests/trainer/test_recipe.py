@@ -26,8 +26,10 @@ def test_the_default_recipe_is_the_one_that_built_the_default_checkpoint():
     # default's split.json, which the grouped policy reproduces exactly
     assert set(recipe_diff(shipped, recorded)) <= {"name", "split.file", "split.policy"}
     built = read_checkpoint_config(default_checkpoint_path())
-    # every architecture field; the latent scale is measured on the masks in stage 1
-    assert shipped.model_config_().model_copy(update={"latent_scaling_factor": built.latent_scaling_factor}) == built
+    # every architecture field; the latent scale is measured on the masks in stage 1, the threshold
+    # and minimum area chosen after training (`syndiff-train operating-point --write`)
+    measured = {k: getattr(built, k) for k in ("latent_scaling_factor", "threshold", "min_area")}
+    assert shipped.model_config_().model_copy(update=measured) == built
 
 
 def test_round_trip_through_toml(tmp_path):

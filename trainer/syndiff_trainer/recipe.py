@@ -88,6 +88,9 @@ class LossSpec(_Strict):
     mask_type: Literal["dice_bce", "tversky_focal"] = "dice_bce"
     tversky_beta: float = Field(0.7, ge=0, le=1)  # tversky_focal: weight of a missed polyp pixel
     focal_gamma: float = Field(2.0, ge=0)
+    # polyp-free samples in the Dice / Tversky term: true is the earlier loss (checkpoints trained
+    # with it rebuild bit for bit); with [negatives], false (docs/model.md, item 5)
+    overlap_on_empty: bool = True
 
 
 class TimestepSpec(_Strict):
@@ -128,10 +131,13 @@ class NegativesSpec(_Strict):
     margin: float = Field(0.03, ge=0, lt=0.5)  # distance kept from every polyp pixel (fraction of the frame)
     seed: int = 0
     # Stage-2 step of the first crop, and the steps over which their share then rises to `rate`:
-    # drawn from the first step, a quarter of empty targets made the compact model predict nothing
-    # on any frame for 1 000 steps and more (docs/training.md); so it first learns to segment.
+    # the model may learn to segment before it learns to say "nothing here" (docs/training.md).
     start: int = Field(0, ge=0)
     ramp: int = Field(0, ge=0)
+    # Empty masks in stage 1 too. The mask autoencoder reconstructs an empty mask without them, and
+    # with them zero and random latents decode to nothing: an untrained segmenter then predicts
+    # nothing and may not climb out (docs/runs/loco/free-per-sample-dice).
+    stage1: bool = True
 
 
 class SyntheticSpec(_Strict):
@@ -185,7 +191,7 @@ class Recipe(_Strict):
         owned = dict(image_size=self.image_size, latent_loss_weight=self.loss.latent_weight,
                      mask_loss_weight=self.loss.mask_weight, mask_loss_type=self.loss.mask_type,
                      tversky_beta=self.loss.tversky_beta, focal_gamma=self.loss.focal_gamma,
-                     timestep_sampling=self.timesteps.sampling,
+                     overlap_on_empty=self.loss.overlap_on_empty, timestep_sampling=self.timesteps.sampling,
                      focus_prob=self.timesteps.focus_prob, inference_timestep=self.timesteps.inference)
         try:
             return preset_config(self.model.preset, **{**self.model.overrides, **owned})
@@ -201,7 +207,7 @@ class Recipe(_Strict):
 RECIPE_OWNED = {"image_size": "image_size", "latent_loss_weight": "loss.latent_weight",
                 "mask_loss_weight": "loss.mask_weight", "mask_loss_type": "loss.mask_type",
                 "tversky_beta": "loss.tversky_beta", "focal_gamma": "loss.focal_gamma",
-                "timestep_sampling": "timesteps.sampling",
+                "overlap_on_empty": "loss.overlap_on_empty", "timestep_sampling": "timesteps.sampling",
                 "focus_prob": "timesteps.focus_prob", "inference_timestep": "timesteps.inference"}
 
 

@@ -372,7 +372,8 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
         if needs_stage1:  # small: the main process trains it, the others load its result
             if world.is_main:
                 rec = train_mask_autoencoder(model, train, select if len(select) else train.subset(range(min(64, len(train)))),
-                                             recipe, device, log, progress, free["train"])
+                                             recipe, device, log, progress,
+                                             free["train"] if recipe.negatives.stage1 else None)
                 model.save_pretrained(out / "mask_ae", extra={"stage": 1, "recon_dice": rec})
                 say(f"stage 1: mask autoencoder reconstruction Dice {rec:.4f}")
             world.barrier()
