@@ -116,7 +116,12 @@ def write_operating_point(model_dir: Path, point: dict, report: dict) -> None:
     checkpoint = json.loads(path.read_text())
     checkpoint["config"]["threshold"], checkpoint["config"]["min_area"] = point["threshold"], point["min_area"]
     write_text(path, json.dumps(checkpoint, indent=2) + "\n")
-    write_text(Path(model_dir) / "operating_point.json", json.dumps(report, indent=1))
+    # per-group alarm counts only for the sets that bind (their sequences): the crops' groups are
+    # one per scored image, megabytes a checkpoint does not need
+    binding = tuple(f"{name}/" for name in report.get("binding", []))
+    rows = [{**r, "alarms_by_group": {g: v for g, v in r.get("alarms_by_group", {}).items() if g.startswith(binding)}}
+            for r in report.get("rows", [])]
+    write_text(Path(model_dir) / "operating_point.json", json.dumps({**report, "rows": rows}, indent=1))
 
 
 def curve_table(rows: list[dict], free_names: list[str], chosen: dict | None = None, top: int | None = None) -> str:
