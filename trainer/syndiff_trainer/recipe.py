@@ -136,7 +136,7 @@ class NegativesSpec(_Strict):
     ramp: int = Field(0, ge=0)
     # Empty masks in stage 1 too. The mask autoencoder reconstructs an empty mask without them, and
     # with them zero and random latents decode to nothing: an untrained segmenter then predicts
-    # nothing and may not climb out (docs/runs/loco/free-per-sample-dice).
+    # nothing and may not climb out (docs/runs/loco/free-stage1-empties).
     stage1: bool = True
 
 
