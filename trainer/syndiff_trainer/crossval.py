@@ -18,8 +18,8 @@ from syndiff_stream.model import Segmenter
 from .data import apply_split, group_kfold, grouped_split, load_sources
 from .evaluate import evaluate, source_table
 from .negatives import crops_of
-from .recipe import Recipe, RecipeError
-from .train import RunOptions, fit
+from .recipe import NegativesSpec, Recipe, RecipeError
+from .train import RunOptions, fit, load_source_crops
 
 
 def _fold_recipe(recipe: Recipe, split_file: Path) -> Recipe:
@@ -99,9 +99,6 @@ def run_cross_centre(recipe: Recipe, out: Path, only: tuple[str, ...] = (), poly
     sources (several processes or machines can share the folder, one fold each); the table covers
     every fold finished so far. `against`: another cross-centre folder of the same sources, whose
     folds are compared image by image (`paired_loco`)."""
-    from .negatives import load_crops
-    from .recipe import NegativesSpec
-
     names = [s.name for s in recipe.data]
     if len(names) < 2:
         raise RecipeError("cross-centre needs a recipe with at least two data sources")
@@ -111,15 +108,9 @@ def run_cross_centre(recipe: Recipe, out: Path, only: tuple[str, ...] = (), poly
     if against is not None and not Path(against).is_dir():
         raise RecipeError(f"--against {against}: no such cross-centre folder")
     out = Path(out)
+    cache_dir = Path(options["cache_dir"]) if options.get("cache_dir") else None
     sources = load_sources(recipe.data, recipe.image_size, recipe.split.phash_threshold, progress=False,
-                           **({"cache_dir": Path(options["cache_dir"])} if options.get("cache_dir") else {}))
-    def centre_crops(name: str):
-        """The held-out centre's polyp-free crops, cut as training cuts them (loaded only to score:
-        a fold's training holds its own data)."""
-        spec, source = NegativesSpec(), next(s for s in recipe.data if s.name == name)
-        return load_crops(source.path, recipe.image_size, spec.per_image, spec.seed, spec.min_scale, spec.margin,
-                          progress=False, skip_unpaired=source.skip_unpaired,
-                          **({"cache_dir": Path(options["cache_dir"])} if options.get("cache_dir") else {})).prefixed(name)
+                           **({"cache_dir": cache_dir} if cache_dir else {}))
 
     results = {}
     for held in names:
@@ -130,7 +121,10 @@ def run_cross_centre(recipe: Recipe, out: Path, only: tuple[str, ...] = (), poly
                 continue
         else:
             _train(recipe, split, run, **options)
-        results[held] = _score_fold(run, sources.ds, split, polyp_free or {}, centre_crops(held))
+        # the held-out centre's crops, loaded only to score (a fold's training holds its own), cut
+        # with the default crop settings: every recipe compared is scored on the same crops
+        crops = load_source_crops(recipe, cache_dir=cache_dir, only=(held,), spec=NegativesSpec())
+        results[held] = _score_fold(run, sources.ds, split, polyp_free or {}, crops)
     summary = {"folds": results, "summary": loco_summary(results)}
     if against is not None:
         summary["against"] = {"folder": str(against),

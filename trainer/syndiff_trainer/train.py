@@ -54,7 +54,7 @@ from .data import (ArrayDataset, BatchSampler, apply_split, build_augmenter, gro
 from .evaluate import predict_masks
 from .machine import differences, machine_facts
 from .negatives import crops_of, load_crops
-from .recipe import RECIPE_NAME, Recipe, RecipeError, load_recipe, recipe_diff
+from .recipe import RECIPE_NAME, NegativesSpec, Recipe, RecipeError, load_recipe, recipe_diff
 from .world import World
 
 RECORDS = (RECIPE_NAME, "manifest.json", "split.json", "run.json", "log.jsonl")
@@ -546,12 +546,15 @@ def _prepare(recipe: Recipe, opts: RunOptions, out: Path, world: World):
     return train, val, select, sources, free
 
 
-def load_source_crops(recipe: Recipe, progress: bool = False, cache_dir: Path | None = None) -> ArrayDataset:
-    """The recipe's polyp-free crops of every source's frames, prefixed like the frames."""
-    spec = recipe.negatives
+def load_source_crops(recipe: Recipe, progress: bool = False, cache_dir: Path | None = None,
+                      only: tuple[str, ...] = (), spec: NegativesSpec | None = None) -> ArrayDataset:
+    """Polyp-free crops of every source's frames (or of the `only` sources), prefixed like the
+    frames, cut as `spec` says (default: the recipe's own [negatives])."""
+    spec = spec or recipe.negatives
     parts = [load_crops(s.path, recipe.image_size, spec.per_image, spec.seed, spec.min_scale, spec.margin,
                         progress=progress, skip_unpaired=s.skip_unpaired,
-                        **({"cache_dir": cache_dir} if cache_dir else {})).prefixed(s.name) for s in recipe.data]
+                        **({"cache_dir": cache_dir} if cache_dir else {})).prefixed(s.name)
+             for s in recipe.data if not only or s.name in only]
     crops = parts[0]
     for part in parts[1:]:
         crops = crops.concat(part)
