@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from syndiff_trainer.data import ArrayDataset, BatchSampler
-from syndiff_trainer.negatives import (FREE_MARK, crop_windows, crops_of, load_crops, load_polyp_free,
-                                       parent_stem)
+from syndiff_trainer.negatives import (DECOY_MARK, ERASED_MARK, FREE_MARK, crop_windows, crops_of, decoy_region,
+                                       erase_polyps, load_crops, load_polyp_free, parent_stem)
 
 
 def _frame(h=240, w=320, polyp=(100, 60, 180, 140)):
@@ -150,3 +150,67 @@ def test_stage1_draws_empty_masks_only_when_the_recipe_says(kvasir_40, tmp_path,
         train.fit(recipe, train.RunOptions(out=str(tmp_path / "run"), progress=False, threads=1,
                                            cache_dir=str(tmp_path / "cache")))
     assert (seen["free"] is not None and len(seen["free"]) > 0) == stage1
+
+
+def _textured(h=96, w=128, polyp=(40, 30, 64, 54), seed=0):
+    """Mucosa-like noise with a bright square polyp and a black border on the left."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(90, 160, (h, w, 3), dtype=np.uint8)
+    image[:, :10] = 0
+    mask = np.zeros((h, w), bool)
+    x0, y0, x1, y1 = polyp
+    mask[y0:y1, x0:x1] = True
+    image[mask] = 250
+    return image, mask
+
+
+def test_an_erased_frame_has_no_polyp_left_and_its_decoy_keeps_the_polyp():
+    image, mask = _textured()
+    frames = ArrayDataset(image[None], mask[None], ["k/a"], ["g"])
+    erased, decoys = erase_polyps(frames, seed=0, margin=0.03)
+    assert erased.stems == ["k/a" + ERASED_MARK] and decoys.stems == ["k/a" + DECOY_MARK]
+    assert erased.groups == decoys.groups == ["g"]  # a split keeps them on their frame's side
+    assert not erased.masks.any() and np.array_equal(decoys.masks[0], mask)
+    assert erased.images[0][mask].mean() < 200  # the bright polyp is filled in from the mucosa around it
+    assert np.array_equal(erased.images[0][~mask & (image.max(2) > 0)][:50], image[~mask & (image.max(2) > 0)][:50])
+    assert np.array_equal(decoys.images[0][mask], image[mask])  # the decoy's polyp is untouched ...
+    changed = (decoys.images[0] != image).any(2)
+    assert changed.any() and not (changed & mask).any()  # ... and its fill lies elsewhere
+
+
+def test_a_decoy_keeps_away_from_the_polyp_and_the_border():
+    image, mask = _textured()
+    pad = 3
+    for seed in range(20):
+        region = decoy_region(mask, image, np.random.default_rng(seed), pad)
+        assert region is not None and region.sum() >= mask.sum()
+        grown = cv2.dilate(mask.astype(np.uint8), np.ones((2 * pad + 1, 2 * pad + 1), np.uint8)) > 0
+        assert not (region & grown).any()
+        assert (image.max(2)[region] > 0).mean() >= 0.7
+
+
+def test_frames_whose_polyp_is_too_large_or_leaves_no_room_give_neither():
+    big, big_mask = _textured(polyp=(10, 0, 128, 96))  # the polyp fills the scope image
+    small, small_mask = _textured()
+    frames = ArrayDataset(np.stack([big, small]), np.stack([big_mask, small_mask]), ["k/big", "k/small"])
+    erased, decoys = erase_polyps(frames)
+    assert erased.stems == ["k/small" + ERASED_MARK] and len(decoys) == 1
+    none = erase_polyps(frames.subset([0]))
+    assert len(none[0]) == len(none[1]) == 0 and none[0].images.shape[1:] == (96, 128, 3)
+
+
+def test_a_run_with_erased_frames_draws_them_and_their_decoys(kvasir_40, tmp_path):
+    from recipes import tiny_recipe
+
+    from syndiff_trainer.train import RunOptions, fit
+
+    recipe = tiny_recipe(("kvasir", kvasir_40, "phash"),
+                         sets=["negatives.rate=0.3", "negatives.per_image=1", "negatives.erased=true"])
+    fit(recipe, RunOptions(out=str(tmp_path / "run"), progress=False, threads=1, cache_dir=str(tmp_path / "cache")))
+    data = json.loads((tmp_path / "run" / "run.json").read_text())["data"]
+    plain = tiny_recipe(("kvasir", kvasir_40, "phash"), sets=["negatives.rate=0.3", "negatives.per_image=1"])
+    fit(plain, RunOptions(out=str(tmp_path / "plain"), progress=False, threads=1, cache_dir=str(tmp_path / "cache")))
+    before = json.loads((tmp_path / "plain" / "run.json").read_text())["data"]
+    decoys = data["train"] - before["train"]
+    assert decoys > 0 and data["train_polyp_free_crops"] - before["train_polyp_free_crops"] == decoys
+    assert data["val"] == before["val"] and data["val_polyp_free_crops"] == before["val_polyp_free_crops"]

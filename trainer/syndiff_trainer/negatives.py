@@ -10,6 +10,12 @@ corner box and on-screen text), each resized to model resolution as a whole fram
 
 A crop belongs to the group of the frame it was cut from, so a split never trains on a crop of a
 validation frame. Crops are decoded once and cached, like the frames (`data.load_dataset`).
+
+Crops are close-ups; a colonoscopy's empty frames are mostly whole views of folds and lumen. Erased
+frames (`erase_polyps`) are those: the training frame itself, its polyp filled in from the mucosa
+around it. The fill leaves a smooth patch a network could read as "empty here", so every erased
+frame comes with a decoy, the same frame with the same patch painted where there is no polyp and
+its polyp kept: a patch then says nothing about whether a polyp is in view.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from syndiff_stream.preprocess import crop_resize, find_field_of_view
 from .data import DEFAULT_CACHE, ArrayDataset, sample_seed
 
 FREE_MARK = "~free"  # stem of a crop: <frame stem>~free<k>
+ERASED_MARK = "~erased"  # the frame, its polyp filled in: empty mask
+DECOY_MARK = "~decoy"  # the frame with a fill where there is no polyp: its own mask
+MAX_ERASED_AREA = 0.35  # a larger polyp leaves too little mucosa to fill it from
 SCALES = (0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # crop side / field-of-view side, largest first
 MIN_SCOPE_COVER = 0.7  # a crop must be at least this much scope image (not black border)
 DARK = 20  # grey level under which a pixel is border, not scope image
@@ -168,3 +177,67 @@ def named_polyp_free(items: list[str], size: int) -> dict[str, ArrayDataset]:
         path, name = (path, name) if sep else (item, Path(item).name)
         sets[name] = load_polyp_free(path, size)
     return sets
+
+
+def _fill(image: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """`region` painted over from the pixels around it (OpenCV's Telea inpainting)."""
+    radius = max(3, round(0.02 * max(region.shape)))
+    return cv2.inpaint(image, region.astype(np.uint8), radius, cv2.INPAINT_TELEA)
+
+
+def _grown(mask: np.ndarray, pad: int) -> np.ndarray:
+    if pad <= 0:
+        return mask.astype(np.uint8)
+    return cv2.dilate(mask.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pad + 1, 2 * pad + 1)))
+
+
+def decoy_region(mask: np.ndarray, image: np.ndarray, rng: np.random.Generator, pad: int,
+                 tries: int = 24) -> np.ndarray | None:
+    """The grown polyp's shape moved to where it keeps `pad` from every polyp pixel and lies on scope
+    image (not the black border); None when no place is found in `tries` draws."""
+    region = _grown(mask, pad)
+    ys, xs = np.nonzero(region)
+    if not len(ys):
+        return None
+    h, w = mask.shape
+    keep_off = _grown(region, pad).astype(bool)
+    scope = (image.max(axis=2) if image.ndim == 3 else image) >= DARK
+    for _ in range(tries):
+        dy = int(rng.integers(-ys.min(), h - ys.max()))
+        dx = int(rng.integers(-xs.min(), w - xs.max()))
+        ny, nx = ys + dy, xs + dx
+        if keep_off[ny, nx].any() or scope[ny, nx].mean() < MIN_SCOPE_COVER:
+            continue
+        moved = np.zeros_like(region, dtype=bool)
+        moved[ny, nx] = True
+        return moved
+    return None
+
+
+def erase_polyps(frames: ArrayDataset, seed: int = 0, margin: float = 0.03) -> tuple[ArrayDataset, ArrayDataset]:
+    """(erased, decoys) of model-resolution frames: each frame with its polyp and a `margin` around
+    it filled in (empty mask, stem `<frame>~erased`), and the same frame with that fill painted
+    where there is no polyp (its own mask, `<frame>~decoy`); both in the frame's group. A frame
+    whose polyp covers more than MAX_ERASED_AREA, or leaves no room for the decoy, gives neither,
+    so the two sets stay the same size and a fill stays uninformative."""
+    erased, decoys, stems, groups, masks = [], [], [], [], []
+    for i, (image, mask) in enumerate(zip(frames.images, frames.masks)):
+        if not mask.any() or mask.mean() > MAX_ERASED_AREA:
+            continue
+        pad = int(round(margin * max(mask.shape)))
+        rng = np.random.default_rng(sample_seed(seed, i))
+        decoy = decoy_region(mask, image, rng, pad)
+        if decoy is None:
+            continue
+        erased.append(_fill(image, _grown(mask, pad)))
+        decoys.append(_fill(image, decoy))
+        stems.append(frames.stems[i])
+        groups.append(frames.groups[i])
+        masks.append(mask)
+    size = frames.images.shape[1:3]
+    if not stems:
+        nothing = ArrayDataset(np.zeros((0, *size, 3), np.uint8), np.zeros((0, *size), bool), [])
+        return nothing, nothing
+    empty = np.zeros((len(stems), *size), bool)
+    return (ArrayDataset(np.stack(erased), empty, [s + ERASED_MARK for s in stems], list(groups)),
+            ArrayDataset(np.stack(decoys), np.stack(masks), [s + DECOY_MARK for s in stems], list(groups)))

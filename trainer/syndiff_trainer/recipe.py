@@ -138,6 +138,11 @@ class NegativesSpec(_Strict):
     # with them zero and random latents decode to nothing: an untrained segmenter then predicts
     # nothing and may not climb out (docs/runs/loco/free-stage1-empties).
     stage1: bool = True
+    # Whole training frames with the polyp filled in, among the polyp-free samples (crops are
+    # close-ups; an empty colonoscopy frame is mostly a whole view), and as many decoys: frames with
+    # the same fill where there is no polyp, among the frames, so that a fill does not mean "empty".
+    # With per_image = 1 about half the polyp-free draws are erased frames.
+    erased: bool = False
 
 
 class SyntheticSpec(_Strict):

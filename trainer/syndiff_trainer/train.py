@@ -53,7 +53,7 @@ from .data import (ArrayDataset, BatchSampler, apply_split, build_augmenter, gro
                    load_sources, manifest_mismatch, sample_seed, small_polyp_weights)
 from .evaluate import predict_masks
 from .machine import differences, machine_facts
-from .negatives import crops_of, load_crops
+from .negatives import crops_of, erase_polyps, load_crops
 from .recipe import RECIPE_NAME, NegativesSpec, Recipe, RecipeError, load_recipe, recipe_diff
 from .world import World
 
@@ -524,6 +524,10 @@ def _prepare(recipe: Recipe, opts: RunOptions, out: Path, world: World):
     if recipe.negatives.rate > 0:  # polyp-free crops, each on its frame's side of the split
         crops = load_source_crops(recipe, opts.progress and world.is_main, **cache)
         free = {"train": crops_of(crops, train), "val": crops_of(crops, val), "select": crops_of(crops, select)}
+        if recipe.negatives.erased:  # training frames only: a validation frame is never erased into training
+            erased, decoys = erase_polyps(train, recipe.negatives.seed, recipe.negatives.margin)
+            free["train"] = free["train"].concat(erased)
+            train = train.concat(decoys)
     if recipe.synthetic.path:  # built on real frames: those of held-out images must stay out
         from .synthetic import load_synthetic, synthetic_count
 
