@@ -7,22 +7,28 @@ the model's fixed seeded noise), so every backend gives the same mask for the sa
   eager      the PyTorch module as is
   compile    torch.compile (inductor by default); compiles on the first batch of each shape
   onnx       ONNX Runtime, the fast CPU path: the single-step model exported once (noise baked
-             in) and cached by checkpoint hash
+             in, the graph fixed for ORT: `export_module`) and cached by checkpoint hash
   tensorrt   torch-tensorrt FP16 on CUDA (optional extra: pip install 'syndiff-stream[trt]')
+
+Named variants of these (session options, int8, bf16, channels-last) are the CPU paths of
+`cpu_paths.py`; `make_backend` builds either by name.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from .model import Segmenter
 
@@ -51,6 +57,8 @@ class Backend:
     max_batch = ONNX_MAX_BATCH
     workers = 1  # `infer` calls that may run at once, each on its own share of the cores
     max_workers = 1
+    cpu_path: str | None = None  # the CPU path it was built as (cpu_paths.py), when one
+    choice: dict | None = None  # how `--backend auto` chose that path (cpu_paths.Choice, as a dict)
 
     def configure(self, workers: int) -> int:
         """Ask for `workers` concurrent `infer` calls; returns how many this backend runs well."""
@@ -74,35 +82,61 @@ class Backend:
             self.infer(torch.zeros(n, 3, self.input_size, self.input_size, device=self.device))
 
 
-class EagerBackend(Backend):
+class TorchBackend(Backend):
+    """What eager and compiled PyTorch share: an optional bf16 autocast (probabilities come back
+    fp32) and channels-last memory (oneDNN's convolutions prefer NHWC on the CPU)."""
+
+    def __init__(self, seg: Segmenter, device="cpu", bf16: bool = False, channels_last: bool = False):
+        seg = seg.to(device)
+        if channels_last:  # a copy: Module.to converts in place, and other backends share `seg`
+            seg = copy.deepcopy(seg).to(memory_format=torch.channels_last)
+        super().__init__(seg, device)
+        self.bf16, self.channels_last = bf16, channels_last
+
+    def _precision(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def _layout(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
+
+
+class EagerBackend(TorchBackend):
     """The PyTorch module as is; `timestep` and `steps` (DDIM passes, for comparison) are only
     here, where no graph is fixed by export or compilation."""
 
     name = "eager"
 
-    def __init__(self, seg: Segmenter, device="cpu", timestep: int | None = None, steps: int = 1):
-        super().__init__(seg.to(device), device)
+    def __init__(self, seg: Segmenter, device="cpu", timestep: int | None = None, steps: int = 1,
+                 bf16: bool = False, channels_last: bool = False):
+        super().__init__(seg, device, bf16, channels_last)
         if steps < 1:
             raise BackendError(f"--steps must be >= 1, got {steps}")
         self.timestep, self.steps = timestep, steps
 
     @torch.inference_mode()
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.steps > 1:
-            return self.seg.predict_proba_multistep(batch, self.steps)
-        return self.seg.predict_proba(batch, self.timestep)
+        batch = self._layout(batch)
+        with self._precision():
+            if self.steps > 1:
+                prob = self.seg.predict_proba_multistep(batch, self.steps)
+            else:
+                prob = self.seg.predict_proba(batch, self.timestep)
+        return prob.float()
 
 
-class CompileBackend(Backend):
+class CompileBackend(TorchBackend):
     name = "compile"
 
-    def __init__(self, seg: Segmenter, device="cpu", compiler: str = "inductor", mode: str | None = None):
-        super().__init__(seg.to(device), device)
+    def __init__(self, seg: Segmenter, device="cpu", compiler: str = "inductor", mode: str | None = None,
+                 bf16: bool = False, channels_last: bool = False):
+        super().__init__(seg, device, bf16, channels_last)
         self.module = torch.compile(SingleStep(self.seg), backend=compiler, mode=mode, dynamic=False)
 
     @torch.inference_mode()
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.module(batch)
+        batch = self._layout(batch)
+        with self._precision():
+            return self.module(batch).float()
 
 
 # ---- ONNX Runtime -------------------------------------------------------------------------------
@@ -121,6 +155,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SYNDIFF_CACHE", Path.home() / ".cache" / "syndiff-stream"))
 
 
+GRAPHS = ("fused", "plain")  # the ORT-shaped export (default) and the module exported as it is
+
+
+def onnx_cache_path(seg: Segmenter, graph: str = "fused") -> Path:
+    """Where the backend keeps this checkpoint's export, one file per graph kind (files named by the
+    hash alone are from before the graph kinds, plain graphs: no longer read)."""
+    return cache_dir() / "onnx" / f"{model_hash(seg)}-{graph}.onnx"
+
+
 @contextmanager
 def quiet_logger(name: str):
     """The exporters log pages of notes about operators this graph never uses."""
@@ -133,15 +176,82 @@ def quiet_logger(name: str):
         logger.setLevel(level)
 
 
-def export_onnx(seg: Segmenter, path: str | Path, dynamo: bool | None = None) -> Path:
+def fold_stem(seg: Segmenter) -> Segmenter:
+    """A copy whose vision-encoder stem (pixel unshuffle by r) is folded into the first convolution.
+
+    ORT runs the unshuffle as a 6-D Transpose, about a twentieth of the whole model's time on a
+    Zen 2 core (profile in docs/runtime.md); a k x k convolution of the unshuffled image is the same
+    sum as a (k r) x (k r) convolution of the image at stride r, padding p r, with the weights
+    rearranged, so the copy computes the same probabilities (to float rounding) with no transpose."""
+    stem, conv = seg.vision_encoder.stem, seg.vision_encoder.encoder.conv_in
+    if not isinstance(stem, torch.nn.PixelUnshuffle) or conv.stride != (1, 1) or conv.groups != 1 \
+            or conv.dilation != (1, 1) or not isinstance(conv.padding, tuple) or conv.padding_mode != "zeros":
+        return seg
+    r, (out_c, in_c, kh, kw) = stem.downscale_factor, conv.weight.shape
+    c = in_c // (r * r)
+    folded = torch.nn.Conv2d(c, out_c, (kh * r, kw * r), stride=r, padding=(conv.padding[0] * r, conv.padding[1] * r),
+                             bias=conv.bias is not None)
+    with torch.no_grad():  # unshuffled channel c*r*r + i*r + j, tap (dh, dw) -> image tap (dh*r + i, dw*r + j)
+        folded.weight.copy_(conv.weight.view(out_c, c, r, r, kh, kw).permute(0, 1, 4, 2, 5, 3)
+                            .reshape(out_c, c, kh * r, kw * r))
+        if conv.bias is not None:
+            folded.bias.copy_(conv.bias)
+    seg = copy.deepcopy(seg)
+    seg.vision_encoder.stem = torch.nn.Identity()
+    seg.vision_encoder.encoder.conv_in = folded
+    return seg
+
+
+def drop_unit_reductions(path: Path) -> None:
+    """Replace ReduceMean over axes of static size 1 by Identity (ORT then removes it): the mask
+    decoder averages its single channel, an ORT kernel pass over every output pixel for nothing."""
+    import onnx
+
+    model = onnx.load(str(path))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    changed = False
+    for node in model.graph.node:
+        if node.op_type != "ReduceMean":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if len(node.input) > 1:  # opset 18+: axes are an input
+            axes = consts.get(node.input[1])
+        else:
+            axes = attrs.get("axes")
+        shape = shapes.get(node.input[0])
+        axes = None if axes is None else [int(a) for a in np.atleast_1d(axes)]
+        if axes and attrs.get("keepdims", 1) == 1 and shape and all(shape[a] == 1 for a in axes):
+            node.op_type, changed = "Identity", True
+            del node.input[1:]
+            del node.attribute[:]
+    if changed:
+        onnx.save(model, str(path))
+
+
+def export_module(seg: Segmenter, graph: str = "fused") -> torch.nn.Module:
+    """The module `export_onnx` traces: `fused` (the default) folds the encoder stem into its first
+    convolution (`fold_stem`); `plain` is the model as trained, kept to measure the difference."""
+    if graph not in GRAPHS:
+        raise BackendError(f"graph {graph!r}: choose one of {', '.join(GRAPHS)}")
+    seg = seg.cpu().eval()
+    return SingleStep(fold_stem(seg) if graph == "fused" else seg)
+
+
+def export_onnx(seg: Segmenter, path: str | Path, dynamo: bool | None = None, graph: str = "fused") -> Path:
     """Export the single-step model (image -> prob, dynamic batch) to `path`, atomically.
 
     Tries the dynamo exporter first and falls back to the TorchScript exporter when torch.export
-    cannot trace the diffusers blocks; `dynamo` forces one of them."""
+    cannot trace the diffusers blocks; `dynamo` forces one of them. `graph`: see `export_module`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    module = SingleStep(seg.cpu().eval())
+    module = export_module(seg, graph)
     size = seg.config.image_size
     example = (torch.zeros(2, 3, size, size),)
     attempts = [True, False] if dynamo is None else [dynamo]
@@ -159,6 +269,8 @@ def export_onnx(seg: Segmenter, path: str | Path, dynamo: bool | None = None) ->
                     torch.onnx.export(module, example, str(tmp), dynamo=False, input_names=["image"],
                                       output_names=["prob"], opset_version=17,
                                       dynamic_axes={"image": {0: "batch"}, "prob": {0: "batch"}})
+            if graph == "fused":
+                drop_unit_reductions(tmp)
             tmp.replace(path)
             return path
         except Exception as exc:  # each exporter fails in its own ways on diffusers blocks
@@ -178,6 +290,40 @@ def ort_session(path: str | Path, options=None, providers=("CPUExecutionProvider
         raise BackendError(f"{path}: {problem} ({str(exc).splitlines()[0][:200]})") from None
 
 
+class OrtOptions(BaseModel):
+    """ONNX Runtime session settings a CPU path varies (docs/runtime.md, CPU paths). The defaults
+    are the `onnx` backend's: every graph optimisation (on x86 that includes the NCHWc layout
+    transformer, the biggest single win), idle threads that sleep, flush-to-zero off."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    level: Literal["basic", "extended", "layout", "all"] = "all"
+    spinning: bool = False  # idle pool threads spin: lower latency, but they take decode's cores
+    denormal_as_zero: bool = False  # flush denormals (changes numerics: parity is measured)
+    memory_pattern: bool = True  # plan the buffers once per input shape
+    cpu_arena: bool = True  # ORT's own allocator arena
+
+    def session_options(self, threads: int):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = {
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            # ORT_ENABLE_LAYOUT arrived in ORT 1.23; older versions fall back to everything
+            "layout": getattr(ort.GraphOptimizationLevel, "ORT_ENABLE_LAYOUT", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[self.level]
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        # Idle ORT threads spin by default, taking the cores decode and publishing need in between.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1" if self.denormal_as_zero else "0")
+        opts.enable_mem_pattern = self.memory_pattern
+        opts.enable_cpu_mem_arena = self.cpu_arena
+        return opts
+
+
 class OnnxBackend(Backend):
     """ONNX Runtime, the fast CPU path.
 
@@ -186,20 +332,23 @@ class OnnxBackend(Backend):
     calls, one per core, do not wait on each other (2 x 1 thread: 95 fps). So on CPU the backend
     offers `max_workers` = its threads, and the pipeline runs that many calls at once in both modes
     (a batch per core recorded, a frame per core live); a caller that runs one call at a time (a
-    plugin, `predict`) keeps every thread for it (see `configure`)."""
+    plugin, `predict`) keeps every thread for it (see `configure`). `options` are the session
+    settings, `graph` the export kind (`export_module`); `onnx_path` a given file instead."""
 
     name = "onnx"
 
     def __init__(self, seg: Segmenter, device="cpu", onnx_path: str | Path | None = None,
-                 threads: int | None = None, workers: int | None = None, dynamo: bool | None = None):
+                 threads: int | None = None, workers: int | None = None, dynamo: bool | None = None,
+                 options: OrtOptions | None = None, graph: str = "fused"):
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
             raise BackendError("the onnx backend needs ONNX Runtime: pip install 'syndiff-stream[onnx]'") from None
         super().__init__(seg, device)
-        self.path = Path(onnx_path) if onnx_path else cache_dir() / "onnx" / f"{model_hash(seg)}.onnx"
+        self.path = Path(onnx_path) if onnx_path else onnx_cache_path(seg, graph)
         if not self.path.is_file():
-            export_onnx(seg, self.path, dynamo=dynamo)
+            export_onnx(seg, self.path, dynamo=dynamo, graph=graph)
+        self.options = options or OrtOptions()
         self.threads = threads or max(1, os.cpu_count() or 1)
         self.max_workers = self.threads if self.device.type == "cpu" else 1
         self.session = None
@@ -212,13 +361,7 @@ class OnnxBackend(Backend):
         workers = max(1, min(workers, self.max_workers))
         if self.session is not None and workers == self.workers:
             return workers
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.intra_op_num_threads = max(1, self.threads // workers)
-        opts.inter_op_num_threads = 1
-        # Idle ORT threads spin by default, taking the cores decode and publishing need in between.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts = self.options.session_options(max(1, self.threads // workers))
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
@@ -294,17 +437,31 @@ def resolve_backend(name: str, device: str) -> str:
 
 
 def make_backend(name: str, seg: Segmenter, device: str = "cpu", threads: int | None = None, **kwargs) -> Backend:
-    """Backend by name. `threads` caps CPU threads (torch intra-op, or ORT's session)."""
+    """Backend by name, or a CPU path by name (`cpu_paths.PATHS`). `threads` caps CPU threads
+    (torch intra-op, or ORT's session)."""
+    from .cpu_paths import PATHS, build_path
+
+    calibration = kwargs.pop("calibration", None)
+    if name in PATHS and name not in BACKENDS:
+        return build_path(name, seg, device, threads, calibration=calibration, **kwargs)
+    if calibration is not None:
+        raise BackendError(f"--calibration is for the int8 CPU paths ({', '.join(p for p in PATHS if 'int8' in p)}), "
+                           f"not {name}")
     if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+        raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)} "
+                           f"or a CPU path ({', '.join(p for p in PATHS if p not in BACKENDS)})")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise BackendError("--device cuda: no CUDA GPU is available here (use --device cpu)")
     if threads:
         torch.set_num_threads(threads)  # also what eager comparisons (bench --compare-steps) use
     if name == "eager":
-        return EagerBackend(seg, device)
-    if name == "compile":
-        return CompileBackend(seg, device, **kwargs)
-    if name == "onnx":
-        return OnnxBackend(seg, device, threads=threads, **kwargs)
-    return TensorRTBackend(seg, device, **kwargs)
+        backend = EagerBackend(seg, device)
+    elif name == "compile":
+        backend = CompileBackend(seg, device, **kwargs)
+    elif name == "onnx":
+        backend = OnnxBackend(seg, device, threads=threads, **kwargs)
+    else:
+        return TensorRTBackend(seg, device, **kwargs)
+    if backend.device.type == "cpu":
+        backend.cpu_path = name  # the CPU path of the same name (cpu_paths.PATHS) is this backend
+    return backend

@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable
 from itertools import islice
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -53,6 +54,31 @@ def time_steps(seg: Segmenter, x: torch.Tensor, steps: int, repeats: int = 1, wa
             once(x[i:i + 1])
     sync(device)
     return repeats * len(x) / (time.perf_counter() - start)
+
+
+def throughput(backend: Backend, x: torch.Tensor, seconds: float = 1.0, min_calls: int = 2) -> float:
+    """Frames per second of the model alone, run as the pipeline runs it: the backend's runner
+    (`backend.workers` batches in flight, one per core with ONNX Runtime on CPU), each call the
+    batch `x`, after one warm-up call per worker; timed for about `seconds` (at least `min_calls`
+    calls per worker). The CPU paths' probe and tools/speed_paths.py both measure with it."""
+    from .engine import HostRunner
+
+    runner = HostRunner(backend)  # host arrays in and out, on any device
+    depth = runner.depth
+    items = [SimpleNamespace(x=row) for row in x.cpu().numpy()]
+    try:
+        for handle in [runner.submit(items) for _ in range(depth)]:  # warm-up, untimed
+            handle.result()
+        calls, start = 0, time.perf_counter()
+        deadline = start + seconds
+        while calls < min_calls * depth or time.perf_counter() < deadline:
+            for handle in [runner.submit(items) for _ in range(depth)]:
+                handle.result()
+            calls += depth
+        sync(backend.device)
+        return calls * len(x) / (time.perf_counter() - start)
+    finally:
+        runner.close()
 
 
 def _check_comparison(images: list, rounds: int) -> None:
@@ -147,6 +173,7 @@ def run_benchmark(seg: Segmenter, backend: Backend, make_source: Callable[[], So
         "tta": seg.config.tta_flip,
         "input_size": backend.input_size, "source": source.source_id, "batch": pipeline.batch_size,
         **stats.as_dict(), "torch_threads": torch.get_num_threads(),
+        "cpu_path": backend.cpu_path, "cpu_path_choice": backend.choice,
     }
     threads = getattr(backend, "threads", None) or torch.get_num_threads()
     report["ceiling"] = ceiling(seg, threads, report["model_fps"], report["e2e_fps"], backend.device)

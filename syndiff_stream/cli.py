@@ -76,7 +76,10 @@ def predict(
 
 # ---- streaming runtime: run, batch, bench, view -------------------------------------------------
 
-BACKEND_HELP = "eager | compile | onnx | tensorrt | auto (onnx on CPU, tensorrt on CUDA when installed, else eager)"
+BACKEND_HELP = ("eager | compile | onnx | tensorrt | a CPU path (onnx-int8, eager-bf16, ...: docs/runtime.md) | auto "
+                "(on CPU the fastest parity-keeping path for this CPU, probed once and cached; tensorrt on CUDA "
+                "when installed, else eager)")
+CALIBRATION_HELP = "int8 CPU paths (onnx-int8...): frames to calibrate on (a folder, a video or a profile)"
 MODE_HELP = ("recorded (lossless, backpressure) | live (bounded latency: drops frames too old or too many, counted); "
              "default by source kind")
 ENGINE_HELP = "an engine file from `syndiff-stream export` (.onnx, or a TensorRT .ep); overrides --backend"
@@ -103,9 +106,11 @@ def pick_device(device: str) -> str:
         fail(str(exc))
 
 
-def build_backend(seg, backend: str, device: str, threads: Optional[int] = None, engine: Optional[Path] = None):
-    """Backend by name, with `auto` resolved and errors as one line; `engine`: an exported file."""
-    from .backends import BackendError, make_backend, resolve_backend
+def build_backend(seg, backend: str, device: str, threads: Optional[int] = None, engine: Optional[Path] = None,
+                  calibration: Optional[Path] = None):
+    """Backend or CPU path by name, with `auto` resolved (on a CPU: the path chosen for this CPU,
+    said in one line on stderr) and errors as one line; `engine`: an exported file."""
+    from .backends import BackendError, make_backend, onnx_cache_path, resolve_backend
 
     if engine is not None:
         from .export import open_engine
@@ -115,14 +120,21 @@ def build_backend(seg, backend: str, device: str, threads: Optional[int] = None,
         except BackendError as exc:
             fail(str(exc))
 
+    choose = backend == "auto" and device == "cpu"
     backend = resolve_backend(backend, device)
-    if backend == "onnx":
-        from .backends import cache_dir, model_hash
+    if backend.startswith("onnx") and not onnx_cache_path(seg).is_file():
+        from .backends import cache_dir
 
-        if not (cache_dir() / "onnx" / f"{model_hash(seg)}.onnx").is_file():
-            typer.secho(f"exporting the model to ONNX once for this checkpoint (cached in {cache_dir()})", err=True)
+        typer.secho(f"exporting the model to ONNX once for this checkpoint (cached in {cache_dir()})", err=True)
     try:
-        return make_backend(backend, seg, device, threads=threads)
+        if choose:
+            from .cpu_paths import build_chosen, choose as choose_path
+
+            choice = choose_path(seg, threads)
+            typer.secho(choice.line(), err=True)
+            return build_chosen(seg, threads, choice)
+        return make_backend(backend, seg, device, threads=threads,
+                            **({"calibration": calibration} if calibration is not None else {}))
     except BackendError as exc:
         fail(str(exc))
 
@@ -280,6 +292,7 @@ def run(
     reconnect_timeout: float = typer.Option(30.0, help=RECONNECT_HELP),
     latency_budget: Optional[float] = typer.Option(None, help=BUDGET_HELP),
     tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
+    calibration: Optional[Path] = typer.Option(None, help=CALIBRATION_HELP),
 ):
     """Segment a live or recorded video stream; publish masks over ZeroMQ and/or write files.
 
@@ -306,11 +319,11 @@ def run(
     # Anything else is opened first, so a wrong path fails at once.
     from .sources import is_stream
 
-    backend_ = build_backend(seg, backend, dev, threads, engine) if is_stream(source) else None
+    backend_ = build_backend(seg, backend, dev, threads, engine, calibration) if is_stream(source) else None
     # Live mode on a file plays it at its own frame rate, as a scope would deliver it.
     src = open_input(source, fps=fps, realtime=True if mode_ == "live" else None, reconnect_timeout=reconnect_timeout)
     apply_profile_checks(profile_, src)
-    backend_ = backend_ or build_backend(seg, backend, dev, threads, engine)
+    backend_ = backend_ or build_backend(seg, backend, dev, threads, engine, calibration)
     backend_.configure(backend_.max_workers)
     makers = []
     if publish:
@@ -561,6 +574,7 @@ def bench(
     engine: Optional[Path] = typer.Option(None, help=ENGINE_HELP),
     latency_budget: Optional[float] = typer.Option(None, help=BUDGET_HELP),
     tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
+    calibration: Optional[Path] = typer.Option(None, help=CALIBRATION_HELP),
 ):
     """Measure the pipeline honestly: warm up, then time decode, model and end to end."""
     import json
@@ -581,8 +595,9 @@ def bench(
         if str(path) in compare:
             fail(f"--compare-model {path}: given twice")
         compare[str(path)] = load_model(path)
-    backend_ = build_backend(seg, backend, dev, threads, engine)
-    others = {name: build_backend(other, backend_.name, dev, threads) for name, other in compare.items()}
+    backend_ = build_backend(seg, backend, dev, threads, engine, calibration)
+    same = backend_.cpu_path or backend_.name  # the compared checkpoints run the benchmarked path
+    others = {name: build_backend(other, same, dev, threads, calibration=calibration) for name, other in compare.items()}
     try:
         report = run_benchmark(seg, backend_, lambda: open_input(source, realtime=source_fps is not None, fps=source_fps), frames=frames, mode=mode_, batch_size=batch, live=live,
                                compare_steps=compare_steps, compare_frames=compare_frames,

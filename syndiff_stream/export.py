@@ -4,7 +4,8 @@
                   where torch.export cannot trace the model
             fp16  the fp32 graph converted by ONNX Runtime's float16 converter (inputs and outputs
                   stay float32), for GPU execution providers
-            int8  static QDQ quantisation by ONNX Runtime, calibrated on a set of frames
+            int8  static quantisation by ONNX Runtime, calibrated on a set of frames: QDQ,
+                  per-channel weights, convolutions only by default (`Int8Options`)
   tensorrt  torch-tensorrt (dynamo IR), saved as an exported program; int8 is quantised by
             TensorRT Model Optimizer (modelopt.torch.quantization) on a set of frames, since
             TensorRT's old PTQ calibrators are gone. Needs a CUDA GPU and the `trt` extra.
@@ -21,9 +22,11 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from .backends import Backend, BackendError, OnnxBackend, SingleStep, TensorRTBackend, export_onnx, model_hash, ort_session
 from .model import Segmenter
@@ -32,6 +35,16 @@ PRECISIONS = ("fp32", "fp16", "int8")
 EXPORT_BACKENDS = ("onnx", "tensorrt")
 TRT_EXTRA = "pip install 'syndiff-stream[trt]'"
 CALIBRATION_BATCH = 8
+
+
+class Int8Options(BaseModel):
+    """How ONNX Runtime quantises the graph (the int8 CPU paths vary these; docs/runtime.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: Literal["qdq", "qoperator"] = "qdq"  # QDQ pairs around fp32 ops, or QLinearConv ops
+    per_channel: bool = True  # one weight scale per output channel, or one per tensor
+    keep_edges: bool = False  # leave the first and last convolutions in fp32 (input and mask edges)
 
 
 @dataclass
@@ -46,6 +59,7 @@ class EngineInfo:
     exporter: str = ""
     export_s: float = 0.0
     calibration: list = field(default_factory=list)  # the INT8 calibration set manifest entries
+    quantisation: dict = field(default_factory=dict)  # ONNX int8: the Int8Options used
     torch: str = torch.__version__
 
     @classmethod
@@ -101,9 +115,11 @@ def model_inputs(images: list[np.ndarray], size: int) -> list[torch.Tensor]:
 # ---- export -------------------------------------------------------------------------------------
 
 def export_engine(seg: Segmenter, backend: str, out: str | Path, precision: str = "fp32",
-                  calibration: str | Path | None = None, max_batch: int = 8, exporter: str = "auto") -> EngineInfo:
+                  calibration: str | Path | None = None, max_batch: int = 8, exporter: str = "auto",
+                  int8: Int8Options | None = None, calibration_limit: int = 64) -> EngineInfo:
     """Write the engine to `out` and its sidecar beside it. `exporter` (onnx only): auto (dynamo,
-    falling back to TorchScript with a warning), dynamo or torchscript."""
+    falling back to TorchScript with a warning), dynamo or torchscript; `int8` (onnx int8 only):
+    how ORT quantises; `calibration_limit`: frames taken from a folder or video."""
     if backend not in EXPORT_BACKENDS:
         raise BackendError(f"--backend {backend!r}: export supports {', '.join(EXPORT_BACKENDS)}")
     if precision not in PRECISIONS:
@@ -115,19 +131,20 @@ def export_engine(seg: Segmenter, backend: str, out: str | Path, precision: str 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     seg = seg.eval()
-    images, manifest = calibration_set(calibration) if precision == "int8" else ([], [])
+    images, manifest = calibration_set(calibration, calibration_limit) if precision == "int8" else ([], [])
     start = time.perf_counter()
     if backend == "onnx":
-        used = _export_onnx(seg, out, precision, images, exporter)
+        used = _export_onnx(seg, out, precision, images, exporter, int8 or Int8Options())
     else:
         used = _export_tensorrt(seg, out, precision, images, max_batch)
+    quantisation = (int8 or Int8Options()).model_dump() if backend == "onnx" and precision == "int8" else {}
     info = EngineInfo(backend, precision, model_hash(seg), seg.config.image_size, max_batch, used,
-                      round(time.perf_counter() - start, 2), manifest)
+                      round(time.perf_counter() - start, 2), manifest, quantisation=quantisation)
     info.write(out)
     return info
 
 
-def _export_onnx(seg: Segmenter, out: Path, precision: str, images, exporter: str) -> str:
+def _export_onnx(seg: Segmenter, out: Path, precision: str, images, exporter: str, int8: Int8Options) -> str:
     fp32 = out if precision == "fp32" else out.with_name(f".{out.name}.fp32.onnx")
     if exporter == "auto":
         try:
@@ -164,9 +181,10 @@ def _export_onnx(seg: Segmenter, out: Path, precision: str, images, exporter: st
             pre = out.with_name(f".{out.name}.pre.onnx")
             try:
                 quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-                quantize_static(str(pre), str(out), Frames(), quant_format=QuantFormat.QDQ, per_channel=True,
+                fmt = QuantFormat.QDQ if int8.format == "qdq" else QuantFormat.QOperator
+                quantize_static(str(pre), str(out), Frames(), quant_format=fmt, per_channel=int8.per_channel,
                                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                                op_types_to_quantize=["Conv"])
+                                op_types_to_quantize=["Conv"], nodes_to_exclude=edge_convs(pre) if int8.keep_edges else [])
             finally:
                 pre.unlink(missing_ok=True)
         check_loadable(out)
@@ -177,6 +195,14 @@ def _export_onnx(seg: Segmenter, out: Path, precision: str, images, exporter: st
         if fp32 != out:
             fp32.unlink(missing_ok=True)
     return used
+
+
+def edge_convs(path: Path) -> list[str]:
+    """Names of the first and the last convolution in graph order (the image's and the mask's)."""
+    import onnx
+
+    convs = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+    return sorted({convs[0], convs[-1]}) if convs else []
 
 
 def check_loadable(path: Path) -> None:

@@ -27,7 +27,7 @@ def test_eager_is_the_model(rt_tiny_segmenter, demo_inputs):
 def test_onnx_matches_eager_and_is_cached(rt_tiny_segmenter, demo_inputs, tmp_path, monkeypatch):
     monkeypatch.setenv("SYNDIFF_CACHE", str(tmp_path))
     ort = OnnxBackend(rt_tiny_segmenter, threads=1, dynamo=False)  # the fast exporter; see the slow test
-    assert ort.path.parent == tmp_path / "onnx" and ort.path.stem == model_hash(rt_tiny_segmenter)
+    assert ort.path.parent == tmp_path / "onnx" and ort.path.stem == f"{model_hash(rt_tiny_segmenter)}-fused"
     eager = rt_tiny_segmenter.predict_proba(demo_inputs)
     for batch in (demo_inputs[:1], demo_inputs):  # dynamic batch
         prob = ort.infer(batch)

@@ -193,3 +193,28 @@ def test_an_engine_onnx_runtime_cannot_load_is_an_export_error(tmp_path):
     bad.write_bytes(b"\x08\x07not a graph")
     with pytest.raises(BackendError, match="bad.onnx: the exported model does not load"):
         check_loadable(bad)
+
+
+@pytest.mark.slow
+def test_onnx_int8_options_reach_the_quantiser(rt_tiny_segmenter, tmp_path):
+    """QOperator format with the first and last convolutions kept fp32: QLinearConv nodes, exactly two
+    float convolutions left, the settings in the sidecar, and the engine runs (the onnx-int8-* CPU paths)."""
+    import cv2
+    import onnx
+
+    from syndiff_stream.export import Int8Options
+
+    frames = tmp_path / "calib"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        cv2.imwrite(str(frames / f"{i}.png"), rng.integers(30, 220, (72, 90, 3)).astype(np.uint8))
+    opts = Int8Options(format="qoperator", keep_edges=True)
+    info = export_engine(rt_tiny_segmenter, "onnx", tmp_path / "q.onnx", "int8", calibration=frames,
+                         exporter="torchscript", int8=opts)
+    assert info.quantisation == {"format": "qoperator", "per_channel": True, "keep_edges": True}
+    assert EngineInfo.read(tmp_path / "q.onnx").quantisation == info.quantisation
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
+    assert "QLinearConv" in ops and ops.count("Conv") == 2 and "DequantizeLinear" in ops
+    prob = open_engine(rt_tiny_segmenter, tmp_path / "q.onnx", threads=1).infer(torch.zeros(2, 3, 64, 64))
+    assert prob.shape == (2, 1, 64, 64) and torch.isfinite(prob).all()
