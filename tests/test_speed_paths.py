@@ -78,3 +78,17 @@ def test_validation_images_come_from_the_split(tmp_path):
     assert [p.stem for p in speed_paths.validation_images(split, {"d": data}, limit=2)] == ["0", "3"]
     calib = speed_paths.training_frames(split, {"d": data}, tmp_path / "calib")
     assert sorted(p.name for p in calib.iterdir()) == ["d-4.png", "d-5.png", "d-6.png"]
+
+
+def test_record_keeps_the_default_path_unless_another_is_clearly_faster(tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNDIFF_CACHE", str(tmp_path))
+    cpu = {"model": "Test CPU", "vector_extensions": ["avx2"]}
+
+    def report(daz_fps):
+        rows = [{"path": "onnx", "ok": True, "parity_min": 1.0, "extra_alarms": 0, "model_fps": 82.2},
+                {"path": "onnx-daz", "ok": True, "parity_min": 1.0, "extra_alarms": 0, "model_fps": daz_fps},
+                {"path": "onnx-int8", "ok": False, "parity_min": 0.7, "extra_alarms": 2, "model_fps": 200.0}]
+        return {"model_hash": "h", "rows": rows, "calibration": None, "cpu": cpu, "threads": 2}
+
+    assert speed_paths.record(report(84.5)) == "onnx"  # 3 % faster: within a median's noise
+    assert speed_paths.record(report(90.0)) == "onnx-daz"  # 9 % faster, and it kept parity
