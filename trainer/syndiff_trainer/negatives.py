@@ -44,6 +44,13 @@ MIN_SCOPE_COVER = 0.7  # a crop must be at least this much scope image (not blac
 DARK = 20  # grey level under which a pixel is border, not scope image
 
 
+def _grown(mask: np.ndarray, pad: int) -> np.ndarray:
+    """`mask` (uint8) with every pixel within `pad` of it: a polyp and the margin kept from it."""
+    if pad <= 0:
+        return mask.astype(np.uint8)
+    return cv2.dilate(mask.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pad + 1, 2 * pad + 1)))
+
+
 def crop_windows(mask: np.ndarray, image: np.ndarray, count: int, rng: np.random.Generator,
                  min_scale: float = 0.3, margin: float = 0.03) -> list[tuple[int, int, int, int]]:
     """Up to `count` windows (x0, y0, x1, y1) of the frame with no polyp pixel within `margin`
@@ -53,9 +60,7 @@ def crop_windows(mask: np.ndarray, image: np.ndarray, count: int, rng: np.random
     fov = find_field_of_view(image)
     h, w = mask.shape
     pad = int(round(margin * max(h, w)))
-    blocked = mask.astype(np.uint8)
-    if pad > 0 and blocked.any():
-        blocked = cv2.dilate(blocked, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pad + 1, 2 * pad + 1)))
+    blocked = _grown(mask, pad)
     grey = image.max(axis=2) if image.ndim == 3 else image
     polyp_sum = cv2.integral(blocked)
     scope_sum = cv2.integral((grey >= DARK).astype(np.uint8))
@@ -183,12 +188,6 @@ def _fill(image: np.ndarray, region: np.ndarray) -> np.ndarray:
     """`region` painted over from the pixels around it (OpenCV's Telea inpainting)."""
     radius = max(3, round(0.02 * max(region.shape)))
     return cv2.inpaint(image, region.astype(np.uint8), radius, cv2.INPAINT_TELEA)
-
-
-def _grown(mask: np.ndarray, pad: int) -> np.ndarray:
-    if pad <= 0:
-        return mask.astype(np.uint8)
-    return cv2.dilate(mask.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pad + 1, 2 * pad + 1)))
 
 
 def decoy_region(mask: np.ndarray, image: np.ndarray, rng: np.random.Generator, pad: int,
