@@ -51,18 +51,35 @@ def soft_dice(prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (2 * inter + 1) / (prob.sum((1, 2, 3)) + mask.sum((1, 2, 3)) + 1)
 
 
+def soft_tversky(prob: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-sample soft Tversky index (N,): a missed polyp pixel weighs beta, a false one 1 - beta."""
+    tp = (prob * mask).sum((1, 2, 3))
+    fn = ((1 - prob) * mask).sum((1, 2, 3))
+    fp = (prob * (1 - mask)).sum((1, 2, 3))
+    return (tp + 1) / (tp + beta * fn + (1 - beta) * fp + 1)
+
+
+def focal(prob: torch.Tensor, mask: torch.Tensor, bce: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-pixel focal BCE: pixels already right weigh (1 - p_true) ** gamma less."""
+    p_true = torch.where(mask > 0.5, prob, 1 - prob)
+    return (1 - p_true) ** gamma * bce
+
+
 def tversky_focal_loss(logits: torch.Tensor, mask: torch.Tensor, beta: float, gamma: float,
                        overlap_on_empty: bool = True) -> torch.Tensor:
     """(1 - soft Tversky) + focal BCE, per-sample means averaged. beta weighs missed polyp pixels."""
     prob = torch.sigmoid(logits)
-    tp = (prob * mask).sum((1, 2, 3))
-    fn = ((1 - prob) * mask).sum((1, 2, 3))
-    fp = (prob * (1 - mask)).sum((1, 2, 3))
-    tversky = (tp + 1) / (tp + beta * fn + (1 - beta) * fp + 1)
+    tversky = soft_tversky(prob, mask, beta)
     bce = F.binary_cross_entropy_with_logits(logits, mask, reduction="none")
-    p_true = torch.where(mask > 0.5, prob, 1 - prob)
     overlap = (1 - tversky).mean() if overlap_on_empty else over_polyps(1 - tversky, mask)
-    return overlap + ((1 - p_true) ** gamma * bce).mean()
+    return overlap + focal(prob, mask, bce, gamma).mean()
+
+
+def tversky_focal_terms(logits: torch.Tensor, mask: torch.Tensor, bce: torch.Tensor, beta: float,
+                        gamma: float) -> torch.Tensor:
+    """Per-sample (1 - soft Tversky) + focal BCE, (N,), for losses weighted by sample."""
+    prob = torch.sigmoid(logits)
+    return 1 - soft_tversky(prob, mask, beta) + focal(prob, mask, bce, gamma).mean((1, 2, 3))
 
 
 def over_polyps(per_sample: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -157,6 +174,14 @@ class SegmenterConfig(BaseModel):
     threshold: float = 0.5
     min_area: float = 0.0
     noise_seed: int = 0
+    # Frame-level presence: a small head reads z_c and the predicted mask latent and gives p(polyp in
+    # the frame); the probability map is then p(present) * p(pixel | present). Trained with BCE on
+    # the draws at the inference timestep, while the mask losses count only the samples that hold a
+    # polyp: polyp-free samples teach "nothing here" to the head, not to the mask, which had
+    # collapsed to empty predictions when it was taught both (docs/model.md, item 6).
+    presence_head: bool = False
+    presence_channels: int = 32
+    presence_loss_weight: float = 1.0
     # Test-time augmentation: average the probability of the frame and of its mirror image. One
     # batch of twice the frames through the U-Net, so about twice the model time; every backend
     # (eager, compiled, ONNX, TensorRT) runs it, since it is part of predict_proba.
@@ -170,6 +195,9 @@ class SegmenterConfig(BaseModel):
             raise ValueError(f"min_area must be in [0, 1), got {self.min_area}")
         if not 0 <= self.focus_prob <= 1:
             raise ValueError(f"focus_prob must be in [0, 1], got {self.focus_prob}")
+        if self.presence_head and (self.timestep_sampling != "focused" or self.focus_prob == 0):
+            raise ValueError("presence_head learns only from draws at the inference timestep: "
+                             "it needs timestep_sampling = 'focused' with focus_prob > 0")
         return self
 
     @property
@@ -262,6 +290,26 @@ class VisionEncoder(nn.Module):
         return self.proj(self.encoder(self.stem(image)))
 
 
+class PresenceHead(nn.Module):
+    """concat(z_c, z0~) -> one logit per frame: is there a polyp anywhere?
+
+    Two convolutions at latent resolution, then average and max pooling: the max lets one small
+    polyp decide the frame, the average weighs how much of the view looks like mucosa. Its cost is
+    a few MFLOP against the model's GFLOP."""
+
+    def __init__(self, cfg: SegmenterConfig):
+        super().__init__()
+        c = cfg.presence_channels
+        self.features = nn.Sequential(
+            nn.Conv2d(cfg.cond_channels + cfg.latent_channels, c, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(c, c, 3, padding=1), nn.SiLU())
+        self.out = nn.Linear(2 * c, 1)
+
+    def forward(self, z_c: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+        h = self.features(torch.cat([z_c, z0], 1))
+        return self.out(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)).squeeze(1)
+
+
 class Segmenter(nn.Module):
     def __init__(self, config: SegmenterConfig | None = None):
         super().__init__()
@@ -286,6 +334,8 @@ class Segmenter(nn.Module):
             layers_per_block=cfg.unet_layers_per_block, norm_num_groups=cfg.unet_norm_num_groups,
             attention_head_dim=cfg.unet_attention_head_dim,
         )
+        # built after the others, so that adding it leaves their seeded initial weights unchanged
+        self.presence = PresenceHead(cfg) if cfg.presence_head else None
         self.scheduler = cfg.scheduler()
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(), persistent=False)
         gen = torch.Generator().manual_seed(cfg.noise_seed)
@@ -340,14 +390,21 @@ class Segmenter(nn.Module):
         return t.to(device)
 
     def forward(self, image: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.denoise(image, z_t, t)[1]
+
+    def denoise(self, image: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_c, U-Net output): the presence head reads z_c too."""
         z_c = self.vision_encoder(image)
-        return self.unet(torch.cat([z_c, z_t], 1), t).sample
+        return z_c, self.unet(torch.cat([z_c, z_t], 1), t).sample
 
     def training_losses(self, image, mask, generator: torch.Generator | None = None, z0=None, t=None,
                         noise=None) -> dict:
         """The paper's loss: L1(n, n~) + lambda * L1(z0, z0~) (+ optional Dice on the decoded mask).
 
-        `t` and `noise` are drawn from `generator` unless given (tests pass them to check the formula)."""
+        With a presence head, the paper's terms and the mask term count only the samples that hold
+        a polyp (the mask is conditional on presence), and BCE on the presence logit is added
+        (`_conditional_losses`). `t` and `noise` are drawn from `generator` unless given (tests pass
+        them to check the formula)."""
         cfg = self.config
         if z0 is None:
             with torch.no_grad():
@@ -357,7 +414,10 @@ class Segmenter(nn.Module):
         if noise is None:
             noise = torch.randn(z0.shape, generator=generator).to(z0)
         z_t = self.scheduler.add_noise(z0, noise, t)
-        noise_hat, z0_hat = self.estimates(self(image, z_t, t), z_t, t)
+        z_c, out = self.denoise(image, z_t, t)
+        noise_hat, z0_hat = self.estimates(out, z_t, t)
+        if self.presence is not None:
+            return self._conditional_losses(z_c, noise_hat, noise, z0_hat, z0, mask, t)
         loss_noise = F.l1_loss(noise_hat, noise)
         loss_latent = F.l1_loss(z0_hat, z0)
         losses = {"noise": loss_noise, "latent": loss_latent}
@@ -378,23 +438,75 @@ class Segmenter(nn.Module):
         losses["loss"] = loss
         return losses
 
+    def _conditional_losses(self, z_c, noise_hat, noise, z0_hat, z0, mask, t) -> dict:
+        """With a presence head: the paper's terms and the mask term are means over the samples that
+        hold a polyp (the mask is conditional on presence), BCE on the presence logit a mean over the
+        draws at the inference timestep (at a small t the noisy latent still shows the true mask, and
+        z0~ would give the answer away). Weights, not indexing: static shapes for torch.compile."""
+        cfg = self.config
+        has = (mask.flatten(1).amax(1) > 0).to(noise_hat.dtype)
+
+        def over(per_sample: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return (per_sample * weight).sum() / weight.sum().clamp(min=1)
+
+        def per_sample(x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1).mean(1)
+
+        losses = {"noise": over(per_sample((noise_hat - noise).abs()), has),
+                  "latent": over(per_sample((z0_hat - z0).abs()), has)}
+        loss = losses["noise"] + cfg.latent_loss_weight * losses["latent"]
+        if cfg.mask_loss_weight > 0:
+            logits = MASK_LOGIT_SCALE * self.decode_raw(z0_hat)
+            bce = F.binary_cross_entropy_with_logits(logits, mask, reduction="none")
+            if cfg.mask_loss_type == "dice_bce":
+                terms = 1 - soft_dice(torch.sigmoid(logits), mask) + per_sample(bce)
+            else:
+                terms = tversky_focal_terms(logits, mask, bce, cfg.tversky_beta, cfg.focal_gamma)
+            losses["mask"] = over(terms, has)
+            loss = loss + cfg.mask_loss_weight * losses["mask"]
+        # the head judges the predicted mask, it does not shape it: z0~ enters detached
+        logit = self.presence(z_c, z0_hat.detach())
+        at_inference = (t == cfg.inference_timestep).to(logit.dtype)
+        losses["presence"] = over(F.binary_cross_entropy_with_logits(logit, has, reduction="none"), at_inference)
+        losses["loss"] = loss + cfg.presence_loss_weight * losses["presence"]
+        return losses
+
     # ---- inference ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict_latent(self, image: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
-        """One U-Net pass at a fixed timestep from the seeded noise: the same frame, the same mask."""
+    def _single_step(self, image: torch.Tensor, timestep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_c, z0~) of one U-Net pass at a fixed timestep from the seeded noise."""
         t_val = self.config.inference_timestep if timestep is None else int(timestep)
         b = image.shape[0]
         z_t = self.inference_noise.expand(b, -1, -1, -1).to(image.dtype)
         t = torch.full((b,), t_val, dtype=torch.long, device=image.device)
-        return self.estimates(self(image, z_t, t), z_t, t)[1]
+        z_c, out = self.denoise(image, z_t, t)
+        return z_c, self.estimates(out, z_t, t)[1]
+
+    @torch.no_grad()
+    def predict_latent(self, image: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        """One U-Net pass at a fixed timestep from the seeded noise: the same frame, the same mask."""
+        return self._single_step(image, timestep)[1]
+
+    def _gated(self, z_c: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+        """p(pixel) = p(polyp in the frame) * p(pixel | polyp), or the map alone without a head."""
+        prob = self.decode_latent(z0)
+        if self.presence is None:
+            return prob
+        return prob * torch.sigmoid(self.presence(z_c, z0)).view(-1, 1, 1, 1)
+
+    @torch.no_grad()
+    def predict_presence(self, image: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        """Image (B,3,H,W) -> p(polyp in the frame) (B,), from the presence head (which it needs)."""
+        if self.presence is None:
+            raise ValueError("this model has no presence head (config presence_head = false)")
+        return torch.sigmoid(self.presence(*self._single_step(image, timestep)))
 
     @torch.no_grad()
     def predict_proba(self, image: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """Image (B,3,H,W) in [-1, 1] -> polyp probability (B,1,H,W)."""
         if not self.config.tta_flip:
-            return self.decode_latent(self.predict_latent(image, timestep))
+            return self._gated(*self._single_step(image, timestep))
         b = image.shape[0]
-        prob = self.decode_latent(self.predict_latent(torch.cat([image, image.flip(-1)]), timestep))
+        prob = self._gated(*self._single_step(torch.cat([image, image.flip(-1)]), timestep))
         return (prob[:b] + prob[b:].flip(-1)) / 2
 
     @torch.no_grad()
@@ -411,7 +523,7 @@ class Segmenter(nn.Module):
         for t in sched.timesteps:
             out = self.unet(torch.cat([z_c, z], 1), t.to(image.device).expand(b)).sample
             z = sched.step(out, t, z).prev_sample
-        return self.decode_latent(z)
+        return self._gated(z_c, z)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -24,9 +24,9 @@ RT_TINY_CONFIG = dict(image_size=64, vae_block_out_channels=(4, 8, 8), vae_norm_
                       unet_block_out_channels=(8, 8, 16, 16), unet_norm_num_groups=4, unet_attention_head_dim=8)
 
 
-def rt_make_tiny_segmenter(seed: int = 0) -> Segmenter:
+def rt_make_tiny_segmenter(seed: int = 0, **overrides) -> Segmenter:
     torch.manual_seed(seed)
-    return Segmenter(preset_config("compact", **RT_TINY_CONFIG)).eval()
+    return Segmenter(preset_config("compact", **{**RT_TINY_CONFIG, **overrides})).eval()
 
 
 @pytest.fixture(scope="session")

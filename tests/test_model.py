@@ -203,3 +203,57 @@ def test_presets_and_parameter_budget():
         preset_config("huge")
     with pytest.raises(ValueError, match="prediction_type"):
         preset_config("tiny", prediction_type="x0")
+
+
+def _presence_model(**overrides) -> Segmenter:
+    torch.manual_seed(0)
+    return Segmenter(preset_config("tiny", image_size=64, presence_head=True, **overrides))
+
+
+def test_polyp_free_samples_teach_the_presence_head_and_not_the_mask():
+    """With a head, the mask terms are those of the polyp samples alone, and a batch of polyp-free
+    samples leaves the mask's U-Net and decoder path without a gradient (only z_c, through the head)."""
+    model = _presence_model()
+    image, t, noise = torch.randn(4, 3, 64, 64), torch.tensor([999] * 4), torch.randn(4, 4, 8, 8)
+    masks = torch.zeros(4, 1, 64, 64)
+    masks[:2, :, 10:30, 10:30] = 1
+    mixed = model.training_losses(image, masks, t=t, noise=noise)
+    polyps = model.training_losses(image[:2], masks[:2], t=t[:2], noise=noise[:2])
+    for key in ("noise", "latent", "mask"):
+        assert torch.allclose(mixed[key], polyps[key])
+    assert mixed["presence"] > 0 and torch.allclose(
+        mixed["loss"], mixed["noise"] + mixed["latent"] + mixed["mask"] + mixed["presence"])
+
+    empty = model.training_losses(image[2:], masks[2:], t=t[2:], noise=noise[2:])
+    empty["loss"].backward()
+    assert empty["mask"] == 0 and torch.allclose(empty["loss"], empty["presence"])
+    assert all(p.grad is None or not p.grad.any() for p in model.unet.parameters())
+    assert model.presence.out.weight.grad.any() and model.vision_encoder.proj.weight.grad.any()
+
+
+def test_the_presence_head_learns_only_at_the_inference_timestep():
+    """At a small t the noisy latent still shows the true mask: those draws must not teach the head."""
+    model = _presence_model()
+    image, noise = torch.randn(2, 3, 64, 64), torch.randn(2, 4, 8, 8)
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[0, :, 10:30, 10:30] = 1
+    both = model.training_losses(image, masks, t=torch.tensor([999, 999]), noise=noise)["presence"]
+    first = model.training_losses(image, masks, t=torch.tensor([999, 10]), noise=noise)["presence"]
+    alone = model.training_losses(image[:1], masks[:1], t=torch.tensor([999]), noise=noise[:1])["presence"]
+    assert torch.allclose(first, alone) and not torch.allclose(first, both)
+    with pytest.raises(ValueError, match="presence_head"):
+        preset_config("tiny", presence_head=True, timestep_sampling="uniform")
+
+
+def test_the_probability_map_is_presence_times_the_mask(tmp_path):
+    model = _presence_model().eval()
+    image = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        z_c, z0 = model._single_step(image)
+        expected = model.decode_latent(z0) * torch.sigmoid(model.presence(z_c, z0)).view(-1, 1, 1, 1)
+    assert torch.allclose(model.predict_proba(image), expected)
+    assert model.predict_presence(image).shape == (3,)
+    model.save_pretrained(tmp_path / "m")
+    assert torch.equal(Segmenter.from_pretrained(tmp_path / "m").predict_proba(image), model.predict_proba(image))
+    with pytest.raises(ValueError, match="no presence head"):
+        Segmenter(preset_config("tiny", image_size=64)).predict_presence(image)

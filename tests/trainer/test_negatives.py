@@ -214,3 +214,30 @@ def test_a_run_with_erased_frames_draws_them_and_their_decoys(kvasir_40, tmp_pat
     decoys = data["train"] - before["train"]
     assert decoys > 0 and data["train_polyp_free_crops"] - before["train_polyp_free_crops"] == decoys
     assert data["val"] == before["val"] and data["val_polyp_free_crops"] == before["val_polyp_free_crops"]
+
+
+def test_a_presence_run_reuses_another_runs_stage1_and_learns_from_polyp_free_draws(kvasir_40, tmp_path):
+    """The polyp-free draws reach the presence head; a copied mask_ae/ from a run without a head
+    skips stage 1 and leaves its autoencoder in the new checkpoint bit for bit."""
+    import shutil
+
+    import torch
+    from recipes import tiny_recipe
+
+    from syndiff_stream.model import Segmenter
+    from syndiff_trainer.train import RunOptions, fit
+
+    sets = ["negatives.rate=0.5", "negatives.per_image=1", "negatives.erased=true", "steps=6"]
+    plain = tiny_recipe(("kvasir", kvasir_40, "phash"), sets=sets)
+    fit(plain, RunOptions(out=str(tmp_path / "plain"), progress=False, threads=1, cache_dir=str(tmp_path / "cache")))
+    shutil.copytree(tmp_path / "plain" / "mask_ae", tmp_path / "head" / "mask_ae")
+    head = tiny_recipe(("kvasir", kvasir_40, "phash"), sets=[*sets, "model.overrides.presence_head=true"])
+    fit(head, RunOptions(out=str(tmp_path / "head"), progress=False, threads=1, cache_dir=str(tmp_path / "cache")))
+    rows = [json.loads(line) for line in (tmp_path / "head" / "log.jsonl").read_text().splitlines()]
+    plain_rows = [json.loads(line) for line in (tmp_path / "plain" / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("stage") == 1 for r in plain_rows) and not any(r.get("stage") == 1 for r in rows)
+    assert any("presence" in r for r in rows)
+    model, ae = Segmenter.from_pretrained(tmp_path / "head" / "model"), Segmenter.from_pretrained(tmp_path / "plain" / "mask_ae")
+    assert model.presence is not None and ae.presence is None
+    assert all(torch.equal(v, ae.mask_vae.state_dict()[k]) for k, v in model.mask_vae.state_dict().items())
+    assert model.config.latent_scaling_factor == ae.config.latent_scaling_factor != 1.0  # stage 1 measured it

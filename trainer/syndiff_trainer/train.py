@@ -280,6 +280,24 @@ def _build_model(recipe: Recipe, device) -> tuple[Segmenter, bool]:
     return model, True
 
 
+def with_stage1(recipe: Recipe, device, mask_ae: Path) -> Segmenter:
+    """The recipe's model (seeded as a fresh run builds it) with what stage 1 made in `mask_ae`:
+    the mask autoencoder's weights and the latent scale it measured (`train_mask_autoencoder`).
+
+    Only these are taken: the rest of the folder is the initial weights of the run that wrote it,
+    which this recipe rebuilds bit for bit, and a recipe that adds a module (a presence head) can
+    still reuse another run's stage 1 when its autoencoder is the same."""
+    model, _ = _build_model(recipe, device)
+    stage1 = Segmenter.from_pretrained(mask_ae).to(device)
+    try:
+        model.mask_vae.load_state_dict(stage1.mask_vae.state_dict())
+    except RuntimeError:
+        raise RecipeError(f"{mask_ae}: its mask autoencoder does not match the recipe's model "
+                          "(mask_stem, vae_* settings); delete the folder to train stage 1 again") from None
+    model.config.latent_scaling_factor = stage1.config.latent_scaling_factor
+    return model
+
+
 # ---- stage 2 ---------------------------------------------------------------------------------
 
 def lr_schedule(opt, recipe: Recipe, step: int):
@@ -365,8 +383,8 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
     if resuming:
         meta = json.loads((state_dir / "state.json").read_text())
         model = Segmenter(SegmenterConfig.from_dict(meta["model_config"])).to(device)
-    elif (out / "mask_ae" / "config.json").is_file():  # interrupted between stage 1 and stage 2
-        model = Segmenter.from_pretrained(out / "mask_ae").to(device)
+    elif (out / "mask_ae" / "config.json").is_file():  # interrupted between stage 1 and stage 2, or given
+        model = with_stage1(recipe, device, out / "mask_ae")
     else:
         model, needs_stage1 = _build_model(recipe, device)
         if needs_stage1:  # small: the main process trains it, the others load its result
@@ -378,7 +396,7 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
                 say(f"stage 1: mask autoencoder reconstruction Dice {rec:.4f}")
             world.barrier()
             if not world.is_main:
-                model = Segmenter.from_pretrained(out / "mask_ae").to(device)
+                model = with_stage1(recipe, device, out / "mask_ae")
 
     model.mask_vae.eval().requires_grad_(False)
     if recipe.model.freeze_encoder:
