@@ -472,19 +472,15 @@ class Segmenter(nn.Module):
         return losses
 
     # ---- inference ----------------------------------------------------------------------------
-    def _single_step(self, image: torch.Tensor, timestep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z_c, z0~) of one U-Net pass at a fixed timestep from the seeded noise."""
+    def single_step(self, image: torch.Tensor, timestep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_c, z0~) of one U-Net pass at a fixed timestep from the seeded noise: the same frame,
+        the same mask. Both, because the presence head reads them together."""
         t_val = self.config.inference_timestep if timestep is None else int(timestep)
         b = image.shape[0]
         z_t = self.inference_noise.expand(b, -1, -1, -1).to(image.dtype)
         t = torch.full((b,), t_val, dtype=torch.long, device=image.device)
         z_c, out = self.denoise(image, z_t, t)
         return z_c, self.estimates(out, z_t, t)[1]
-
-    @torch.no_grad()
-    def predict_latent(self, image: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
-        """One U-Net pass at a fixed timestep from the seeded noise: the same frame, the same mask."""
-        return self._single_step(image, timestep)[1]
 
     def _gated(self, z_c: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
         """p(pixel) = p(polyp in the frame) * p(pixel | polyp), or the map alone without a head."""
@@ -498,15 +494,15 @@ class Segmenter(nn.Module):
         """Image (B,3,H,W) -> p(polyp in the frame) (B,), from the presence head (which it needs)."""
         if self.presence is None:
             raise ValueError("this model has no presence head (config presence_head = false)")
-        return torch.sigmoid(self.presence(*self._single_step(image, timestep)))
+        return torch.sigmoid(self.presence(*self.single_step(image, timestep)))
 
     @torch.no_grad()
     def predict_proba(self, image: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """Image (B,3,H,W) in [-1, 1] -> polyp probability (B,1,H,W)."""
         if not self.config.tta_flip:
-            return self._gated(*self._single_step(image, timestep))
+            return self._gated(*self.single_step(image, timestep))
         b = image.shape[0]
-        prob = self._gated(*self._single_step(torch.cat([image, image.flip(-1)]), timestep))
+        prob = self._gated(*self.single_step(torch.cat([image, image.flip(-1)]), timestep))
         return (prob[:b] + prob[b:].flip(-1)) / 2
 
     @torch.no_grad()

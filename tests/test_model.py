@@ -131,7 +131,7 @@ def test_timesteps_stay_in_range_and_focus_on_the_inference_step():
     assert t.min() >= 1
 
 
-def test_single_step_is_deterministic_and_batch_independent(model):
+def testsingle_step_is_deterministic_and_batch_independent(model):
     x = torch.rand(3, 3, 256, 256) * 2 - 1
     a = model.predict_proba(x)
     b = model.predict_proba(x[1:2])
@@ -249,7 +249,7 @@ def test_the_probability_map_is_presence_times_the_mask(tmp_path):
     model = _presence_model().eval()
     image = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        z_c, z0 = model._single_step(image)
+        z_c, z0 = model.single_step(image)
         expected = model.decode_latent(z0) * torch.sigmoid(model.presence(z_c, z0)).view(-1, 1, 1, 1)
     assert torch.allclose(model.predict_proba(image), expected)
     assert model.predict_presence(image).shape == (3,)

@@ -24,7 +24,7 @@ def scores(images):
     for i in range(0, len(images), 16):
         x = to_model_range(torch.from_numpy(images[i:i + 16]).permute(0, 3, 1, 2).float())
         with torch.no_grad():
-            z_c, z0 = model._single_step(x)
+            z_c, z0 = model.single_step(x)
             peak.append(model.decode_latent(z0).amax((1, 2, 3)).numpy())
             if model.presence is not None:
                 pres.append(torch.sigmoid(model.presence(z_c, z0)).numpy())
