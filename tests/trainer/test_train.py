@@ -65,7 +65,7 @@ def test_a_run_folder_records_how_it_was_made(two_source_recipe, tmp_path):
     assert {"noise", "latent", "mask", "loss", "lr", "wall_s"} <= set(stage2[0])
     validated = [r for r in stage2 if "ema_sha256" in r]
     assert [r["step"] for r in validated] == [2, 4]
-    assert {"val_dice", "val_dice/kvasir", "val_dice/clinicdb"} <= set(validated[-1])
+    assert {"val_dice", "val_dice/kvasir", "val_dice/clinicdb", "val_spread"} <= set(validated[-1])
     split = json.loads((model / "split.json").read_text())
     assert any(s.startswith("clinicdb/") for s in split["val"]) and result["chosen"] == "last"
 
@@ -231,3 +231,17 @@ def test_eval_reports_specificity_on_polyp_free_frames_and_crops(kvasir_40, tmp_
     text = run("eval", "--data", f"kvasir={kvasir_40}", "--model", tmp_path / "m", "--limit", "6", "--no-crops",
                "--polyp-free", str(free))
     assert "| free | 3 |" in text and "crops of the scored images" not in text
+
+
+def test_mask_spread_tells_a_collapse_from_a_model_that_follows_the_images():
+    from syndiff_trainer.train import mask_spread
+
+    rng = np.random.default_rng(0)
+    truth = np.zeros((6, 16, 16), bool)
+    for k in range(6):
+        y, x = rng.integers(0, 10, 2)
+        truth[k, y:y + 6, x:x + 6] = True
+    assert mask_spread(truth, truth) == pytest.approx(1.0)
+    assert mask_spread(np.repeat(truth[:1], 6, axis=0), truth) == 0.0  # the same blob everywhere
+    assert mask_spread(np.zeros_like(truth), truth) == 0.0  # nothing anywhere
+    assert np.isnan(mask_spread(truth, np.zeros_like(truth)))  # no polyp to compare with

@@ -134,18 +134,33 @@ def library_versions() -> dict:
 # ---- evaluation used during training ---------------------------------------------------------
 
 def validation_metrics(model: Segmenter, ds: ArrayDataset, prefix: str, free: ArrayDataset | None = None) -> dict:
-    """Mean Dice over `ds` and per source: `{prefix}_dice`, `{prefix}_dice/<source>`; with
+    """Mean Dice over `ds` and per source: `{prefix}_dice`, `{prefix}_dice/<source>`; how much the
+    predicted masks vary from image to image against the true masks, `{prefix}_spread`; with
     polyp-free crops `free`, the share of them on which something is predicted: `{prefix}_alarm`."""
     out = {}
     if len(ds):
-        scores = np.array([dice(p, m) for p, m in zip(predict_masks(model, ds.images), ds.masks)])
+        predicted = predict_masks(model, ds.images)
+        scores = np.array([dice(p, m) for p, m in zip(predicted, ds.masks)])
         out[f"{prefix}_dice"] = float(scores.mean())
+        out[f"{prefix}_spread"] = mask_spread(predicted, ds.masks)
         sources = np.array(ds.sources)
         for source in sorted(set(ds.sources)):
             out[f"{prefix}_dice/{source or 'all'}"] = float(scores[sources == source].mean())
     if free is not None and len(free):
         out[f"{prefix}_alarm"] = float(predict_masks(model, free.images).any(axis=(1, 2)).mean())
     return out
+
+
+def mask_spread(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Per-pixel variance of the predicted masks across images over that of the true masks: about 1
+    when predictions follow the images, 0 when stage 2 has collapsed to one mask for every image
+    (nothing, or the same blob). The loss does not show such a collapse; this does
+    (docs/runs/loco/presence/README.md)."""
+    want = truth.astype(np.float32).var(axis=0).mean()
+    return float(predicted.astype(np.float32).var(axis=0).mean() / want) if want > 0 else float("nan")
+
+
+COLLAPSED_SPREAD = 0.05  # below this share of the truth's spread, every image gets about the same mask
 
 
 @torch.no_grad()
@@ -499,6 +514,9 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
                 scored.save_pretrained(out / "last", extra=extra)
                 _save_state(state_dir, model, ema, opt, step, best)
                 info += f" val dice {metrics.get('val_dice', float('nan')):.4f}"
+                if metrics.get("val_spread", 1.0) < COLLAPSED_SPREAD:
+                    say(f"step {step}: stage 2 predicts about the same mask for every validation image "
+                        f"(val_spread {metrics['val_spread']:.3f}): collapsed")
             if row:
                 log(row)
             bar.update(task, completed=step, info=info)
