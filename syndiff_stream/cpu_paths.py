@@ -26,8 +26,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .atomic import write_text
-from .backends import (Backend, BackendError, CompileBackend, EagerBackend, OnnxBackend, OrtOptions, cache_dir,
-                       model_hash)
+from .backends import (Backend, BackendError, CompileBackend, EagerBackend, OnnxBackend, OpenVinoBackend, OrtOptions,
+                       cache_dir, model_hash)
 from .export import Int8Options
 from .machine import cpu_facts
 from .model import Segmenter
@@ -46,7 +46,7 @@ class CpuPath(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    kind: Literal["onnx", "eager", "compile"]
+    kind: Literal["onnx", "openvino", "eager", "compile"]
     what: str  # one line for the docs and the CLI's help
     precision: Literal["fp32", "int8", "bf16"] = "fp32"
     exact: bool = True  # fp32 arithmetic, as the model's: parity by construction
@@ -85,6 +85,8 @@ PATHS = _paths(
             int8=Int8Options(format="qoperator"), what="onnx-int8 as QLinearConv operators instead of QDQ pairs"),
     CpuPath(name="onnx-int8-edges", kind="onnx", precision="int8", exact=False, probe=False,
             int8=Int8Options(keep_edges=True), what="onnx-int8 with the first and last convolutions kept fp32"),
+    CpuPath(name="openvino", kind="openvino",
+            what="OpenVINO's CPU runtime, fp32, on the onnx path's file (its own GroupNorm and conv kernels)"),
     CpuPath(name="eager", kind="eager", what="PyTorch eager fp32 (oneDNN convolutions), torch's threads"),
     CpuPath(name="eager-cl", kind="eager", channels_last=True, what="eager in channels-last (NHWC) memory"),
     CpuPath(name="eager-bf16", kind="eager", precision="bf16", exact=False, needs=BF16_FLAGS, channels_last=True,
@@ -109,6 +111,8 @@ def unavailable(path: CpuPath, facts: dict | None = None, calibration=None) -> s
                 f"({facts['model']} has {have})")
     if path.kind == "onnx" and importlib.util.find_spec("onnxruntime") is None:
         return f"{path.name}: needs ONNX Runtime: pip install 'syndiff-stream[onnx]'"
+    if path.kind == "openvino" and importlib.util.find_spec("openvino") is None:
+        return f"{path.name}: needs OpenVINO: pip install 'syndiff-stream[openvino]'"
     if path.kind == "compile" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
         return f"{path.name}: not available here: inductor needs a C++ compiler (g++ or clang++)"
     if path.int8 is not None and calibration is None:
@@ -146,6 +150,8 @@ def build_path(name: str, seg: Segmenter, device: str = "cpu", threads: int | No
                 export_engine(seg, "onnx", onnx_path, "int8", calibration, exporter="dynamo", int8=path.int8)
         backend = OnnxBackend(seg, device, onnx_path=onnx_path, threads=threads, options=path.ort,
                               graph=path.graph, **kwargs)
+    elif path.kind == "openvino":
+        backend = OpenVinoBackend(seg, device, threads=threads, graph=path.graph, **kwargs)
     elif path.kind == "eager":
         backend = EagerBackend(seg, device, bf16=path.precision == "bf16", channels_last=path.channels_last, **kwargs)
     else:
@@ -211,7 +217,7 @@ def cache_key(facts: dict, seg_hash: str, threads: int) -> str:
     import importlib.metadata as md
 
     versions = {}
-    for dist in ("onnxruntime", "torch"):
+    for dist in ("onnxruntime", "openvino", "torch"):
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import threading
 
 import numpy as np
 import onnx
@@ -23,6 +25,7 @@ AVX2 = {"model": "AMD EPYC 7B12", "vector_extensions": ["sse4_2", "avx", "avx2",
 SAPPHIRE = {"model": "Intel Xeon Platinum 8480+", "vector_extensions": ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"],
             "kernel_capability": "AVX512"}
 HAS_BF16 = bool(set(BF16_FLAGS) & set(cpu_paths.cpu_facts()["vector_extensions"]))
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 
 
 @pytest.fixture
@@ -100,6 +103,33 @@ def test_onnx_session_options_reach_the_session(exported):
         assert torch.allclose(prob, exported.predict_proba(x_batch()), atol=1e-4), name
 
 
+@pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO not installed (pip install 'syndiff-stream[openvino]')")
+def test_openvino_runs_the_onnx_file_to_the_same_probabilities(exported):
+    backend = make_backend("openvino", exported, threads=2)
+    assert backend.path == onnx_cache_path(exported) and backend.cpu_path == "openvino"
+    want = exported.predict_proba(x_batch())
+    assert torch.allclose(backend.infer(x_batch()), want, atol=1e-4)
+    assert backend.configure(2) == 2  # two callers at once, each on its own stream and request
+    results = {}
+
+    def call(k):
+        results[k] = backend.infer(x_batch(seed=k))
+
+    workers = [threading.Thread(target=call, args=(k,)) for k in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for k in range(2):
+        assert torch.allclose(results[k], exported.predict_proba(x_batch(seed=k)), atol=1e-4)
+
+
+def test_openvino_missing_is_one_line(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert unavailable(PATHS["openvino"], AVX2) == "openvino: needs OpenVINO: pip install 'syndiff-stream[openvino]'"
+
+
 def test_folded_stem_computes_the_same_probabilities(rt_tiny_segmenter):
     folded = fold_stem(rt_tiny_segmenter)
     assert isinstance(rt_tiny_segmenter.vision_encoder.stem, torch.nn.PixelUnshuffle)  # the original untouched
@@ -155,6 +185,8 @@ def test_candidates_are_exact_paths_and_recorded_passes(monkeypatch, cache):
 
 def test_choose_takes_the_fastest_probe_and_caches_it(exported, monkeypatch):
     speeds = {"onnx": 50.0, "onnx-layout": 49.0, "onnx-spin": 51.0, "onnx-noarena": 70.0, "eager": 5.0, "eager-cl": 6.0}
+    if HAS_OPENVINO:
+        speeds["openvino"] = 40.0
     probed = []
 
     def probe(backend):
