@@ -272,6 +272,38 @@ def operating_point(
                + (f" -> written to {model_dir / 'config.json'}" if write else " (--write stores it)"))
 
 
+@app.command("presence-head")
+def presence_head_(
+    model: Path = typer.Option(..., metavar="DIR", help="a finished checkpoint with its run's recipe.toml and "
+                               "split.json (a run's model/ folder)"),
+    out: Path = typer.Option(..., metavar="DIR", help="the new checkpoint: the same segmenter with a presence head"),
+    steps: int = typer.Option(600, metavar="N", help="head training steps"),
+    batch_size: int = typer.Option(32, metavar="N", help="samples a step, half polyp frames, half polyp-free"),
+    lr: float = typer.Option(2e-3, metavar="X", help="AdamW learning rate (cosine to zero)"),
+    seed: int = typer.Option(0, metavar="N", help="head initialisation, draws and augmentation"),
+    threads: Optional[int] = typer.Option(None, metavar="N", help="CPU threads for torch"),
+    progress: bool = typer.Option(True, help="show data loading progress"),
+):
+    """Fit a frame-level presence head on a finished segmenter, everything else frozen: its masks
+    stay as they were and its map becomes p(polyp in the frame) x p(pixel | polyp)
+    (docs/training.md). Choose the operating point afterwards (`operating-point --write`)."""
+    import torch
+
+    from .presence import PresenceOptions, presence_head
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        options = PresenceOptions(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    except ValueError as exc:
+        _fail(ValueError(str(exc).splitlines()[-1]))
+    record = _run(presence_head, model, out, options, progress)
+    d = record["data"]
+    typer.echo(f"presence head: {out} ({options.steps} steps on {d['frames']} frames + {d['decoys']} decoys against "
+               f"{d['crops']} crops + {d['erased']} erased frames of {', '.join(d['sources'])}); "
+               f"next: syndiff-train operating-point --model {out} ... --write")
+
+
 @app.command()
 def kfold(
     recipe: Optional[str] = typer.Option(None, metavar="RECIPE", help=RECIPE_HELP),
