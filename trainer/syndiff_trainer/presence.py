@@ -30,9 +30,9 @@ from syndiff_stream.atomic import write_text
 from syndiff_stream.model import CheckpointError, Segmenter
 
 from .data import ArrayDataset, BatchSampler, apply_split, build_augmenter, load_sources, sample_seed
-from .negatives import crops_of, erase_polyps
-from .recipe import RECIPE_NAME, RecipeError, load_recipe
-from .train import RECORDS, load_source_crops
+from .negatives import crops_of
+from .recipe import RECIPE_NAME, Recipe, RecipeError, load_recipe
+from .train import RECORDS, add_erased, load_source_crops
 
 LOG_NAME = "presence_log.jsonl"
 ARGS_NAME = "presence_head.json"
@@ -51,15 +51,9 @@ class PresenceOptions(BaseModel):
     log_every: int = Field(50, ge=1)
 
 
-def _concat(parts: list[ArrayDataset]) -> ArrayDataset:
-    out = parts[0]
-    for part in parts[1:]:
-        out = out.concat(part)
-    return out
-
-
-def presence_data(model_dir: Path, progress: bool = False) -> tuple[ArrayDataset, ArrayDataset, dict]:
-    """(polyp frames, polyp-free samples, counts) from the training side of the checkpoint's own split."""
+def presence_data(model_dir: Path, progress: bool = False) -> tuple[ArrayDataset, ArrayDataset, Recipe, dict]:
+    """(polyp frames, polyp-free samples, the run's recipe, counts) from the training side of the
+    checkpoint's own split."""
     for name in (RECIPE_NAME, "split.json"):
         if not (model_dir / name).is_file():
             raise CheckpointError(f"checkpoint {model_dir}: {name} is missing (a presence head learns from the "
@@ -72,12 +66,10 @@ def presence_data(model_dir: Path, progress: bool = False) -> tuple[ArrayDataset
         raise RecipeError(f"{model_dir / 'split.json'}: no training image of the recipe's sources")
     spec = recipe.negatives.model_copy(update={"per_image": 1}) if recipe.negatives.rate == 0 else recipe.negatives
     crops = crops_of(load_source_crops(recipe, progress=progress, spec=spec), frames)
-    erased, decoys = erase_polyps(frames, spec.seed, spec.margin)
-    polyp = _concat([frames, decoys]) if len(decoys) else frames
-    free = _concat([p for p in (crops, erased) if len(p)])
-    counts = {"frames": len(frames), "decoys": len(decoys), "crops": len(crops), "erased": len(erased),
-              "sources": [s.name for s in recipe.data]}
-    return polyp, free, {"recipe": recipe, **counts}
+    polyp, free = add_erased(frames, crops, spec)
+    counts = {"frames": len(frames), "decoys": len(polyp) - len(frames), "crops": len(crops),
+              "erased": len(free) - len(crops), "sources": [s.name for s in recipe.data]}
+    return polyp, free, recipe, counts
 
 
 def with_head(seg: Segmenter, seed: int) -> Segmenter:
@@ -97,11 +89,7 @@ def fit_presence_head(seg: Segmenter, polyp: ArrayDataset, free: ArrayDataset, o
                       augment=None, log=None) -> Segmenter:
     """Fit a fresh head on frozen (z_c, z0~) at the inference timestep; returns the new model."""
     model = with_head(seg, options.seed).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    head = model.presence
-    for p in head.parameters():
-        p.requires_grad_(True)
+    head = model.presence  # the only weights the optimiser holds; the rest runs under no_grad
     half = options.batch_size // 2
     samplers = [BatchSampler(ds, half, sample_seed(options.seed, k), augment) for k, ds in enumerate((polyp, free))]
     opt = torch.optim.AdamW(head.parameters(), lr=options.lr, weight_decay=options.weight_decay)
@@ -123,8 +111,6 @@ def fit_presence_head(seg: Segmenter, polyp: ArrayDataset, free: ArrayDataset, o
             log({"step": step, "presence": round(float(np.mean(seen)), 6), "lr": opt.param_groups[0]["lr"],
                  "wall_s": round(time.time() - t0, 1)})
             seen = []
-    for p in model.parameters():
-        p.requires_grad_(True)
     return model.eval()
 
 
@@ -137,8 +123,7 @@ def presence_head(model_dir: str | Path, out: str | Path, options: PresenceOptio
     seg = Segmenter.from_pretrained(model_dir)
     if seg.presence is not None:
         raise CheckpointError(f"checkpoint {model_dir} has a presence head already")
-    polyp, free, counts = presence_data(model_dir, progress)
-    recipe = counts.pop("recipe")
+    polyp, free, recipe, counts = presence_data(model_dir, progress)
     out.mkdir(parents=True, exist_ok=True)
     (out / LOG_NAME).unlink(missing_ok=True)
 

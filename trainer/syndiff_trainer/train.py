@@ -561,9 +561,7 @@ def _prepare(recipe: Recipe, opts: RunOptions, out: Path, world: World):
         crops = load_source_crops(recipe, opts.progress and world.is_main, **cache)
         free = {"train": crops_of(crops, train), "val": crops_of(crops, val), "select": crops_of(crops, select)}
         if recipe.negatives.erased:  # training frames only: a validation frame is never erased into training
-            erased, decoys = erase_polyps(train, recipe.negatives.seed, recipe.negatives.margin)
-            free["train"] = free["train"].concat(erased)
-            train = train.concat(decoys)
+            train, free["train"] = add_erased(train, free["train"], recipe.negatives)
     if recipe.synthetic.path:  # built on real frames: those of held-out images must stay out
         from .synthetic import load_synthetic, synthetic_count
 
@@ -584,6 +582,12 @@ def _prepare(recipe: Recipe, opts: RunOptions, out: Path, world: World):
                      **({f"{k}_polyp_free_crops": len(v) for k, v in free.items() if v is not None})}}, indent=1))
         write_text(out / RECIPE_NAME, recipe.to_toml())
     return train, val, select, sources, free
+
+
+def add_erased(frames: ArrayDataset, free: ArrayDataset, spec: NegativesSpec) -> tuple[ArrayDataset, ArrayDataset]:
+    """(frames + their decoys, polyp-free samples + the frames erased): `negatives.erased`'s data."""
+    erased, decoys = erase_polyps(frames, spec.seed, spec.margin)
+    return frames.concat(decoys), free.concat(erased)
 
 
 def load_source_crops(recipe: Recipe, progress: bool = False, cache_dir: Path | None = None,
