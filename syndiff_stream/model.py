@@ -130,6 +130,11 @@ class SegmenterConfig(BaseModel):
     vae_norm_num_groups: int = 4
     vae_mid_attention: bool = False
     latent_scaling_factor: float = 1.0
+    # Per-channel mean of the mask latents, subtracted before scaling (diffusers' `shift_factor`,
+    # per channel), so that a zero latent decodes to about the average mask. An autoencoder whose
+    # zero latent decodes to polyp everywhere made stage 2 collapse to one empty mask for every
+    # image (docs/runs/three-centres-10000). None: not centred, as every model before 2026-12-03.
+    latent_shift: tuple[float, ...] | None = None
     # Vision encoder tau. `encoder_stem` folds stem x stem pixels into channels first
     # (pixel-unshuffle): it keeps every pixel but takes the costly full-resolution convs away.
     encoder_stem: int = 4
@@ -348,11 +353,20 @@ class Segmenter(nn.Module):
         x = mask * 2 - 1
         if self.config.mask_channels != 1:
             x = x.expand(-1, self.config.mask_channels, -1, -1)
-        return self.mask_vae.encode(self.mask_fold(x)).latent_dist.mode() * self.config.latent_scaling_factor
+        z = self.mask_vae.encode(self.mask_fold(x)).latent_dist.mode()
+        if self.config.latent_shift is not None:
+            z = z - self._shift(z)
+        return z * self.config.latent_scaling_factor
+
+    def _shift(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.config.latent_shift, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
 
     def decode_raw(self, z0: torch.Tensor) -> torch.Tensor:
         """Scaled latent -> decoder output (B,1,H,W), channels averaged as in SDSeg; > 0 is polyp."""
-        x = self.mask_unfold(self.mask_vae.decode(z0 / self.config.latent_scaling_factor).sample)
+        z = z0 / self.config.latent_scaling_factor
+        if self.config.latent_shift is not None:
+            z = z + self._shift(z)
+        x = self.mask_unfold(self.mask_vae.decode(z).sample)
         return x.mean(1, keepdim=True)
 
     def decode_latent(self, z0: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ def models():
     """The tiny test model always; the shipped compact model once it exists."""
     yield pytest.param("tiny", id="tiny")
     yield pytest.param("tiny-presence", id="tiny-presence")  # the frame-level gate is in the graph
+    yield pytest.param("tiny-shifted", id="tiny-shifted")  # centred latents: the shift is in the graph
     if (default_checkpoint_path() / "config.json").is_file():
         yield pytest.param("shipped", id="shipped")
 
@@ -49,7 +50,10 @@ def load(which, tmp_path_factory):
     if which == "shipped":
         return Segmenter.from_pretrained(), []
     path = tmp_path_factory.mktemp("tiny_model")
-    rt_make_tiny_segmenter(presence_head=which == "tiny-presence").save_pretrained(path)
+    seg = rt_make_tiny_segmenter(presence_head=which == "tiny-presence")
+    if which == "tiny-shifted":
+        seg.config.latent_shift = tuple(0.4 * (-1) ** k for k in range(seg.config.latent_channels))
+    seg.save_pretrained(path)
     return Segmenter.from_pretrained(path), ["--model", path]
 
 

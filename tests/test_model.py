@@ -257,3 +257,22 @@ def test_the_probability_map_is_presence_times_the_mask(tmp_path):
     assert torch.equal(Segmenter.from_pretrained(tmp_path / "m").predict_proba(image), model.predict_proba(image))
     with pytest.raises(ValueError, match="no presence head"):
         Segmenter(preset_config("tiny", image_size=64)).predict_presence(image)
+
+
+def test_a_latent_shift_centres_the_latents_and_decodes_back(model, tmp_path):
+    """The shift moves latents and nothing else: encode subtracts it, decode adds it back, so the
+    decoded mask of an encoded mask is the unshifted model's, and zero maps to the shift."""
+    import copy
+
+    mask = (torch.rand(2, 1, 256, 256) > 0.7).float()
+    shifted = copy.deepcopy(model)
+    shifted.config.latent_shift = (0.5, -1.0, 0.25, 2.0)
+    shift = torch.tensor(shifted.config.latent_shift).view(1, -1, 1, 1) * model.config.latent_scaling_factor
+    assert torch.allclose(shifted.encode_mask(mask), model.encode_mask(mask) - shift, atol=1e-6)
+    assert torch.allclose(shifted.decode_raw(shifted.encode_mask(mask)), model.decode_raw(model.encode_mask(mask)),
+                          atol=1e-5)
+    zero = torch.zeros_like(model.encode_mask(mask[:1]))
+    assert torch.allclose(shifted.decode_raw(zero), model.decode_raw(shift.expand_as(zero)), atol=1e-5)
+    shifted.save_pretrained(tmp_path / "ckpt")
+    assert Segmenter.from_pretrained(tmp_path / "ckpt").config.latent_shift == shifted.config.latent_shift
+    assert model.config.latent_shift is None  # models saved before the field load uncentred

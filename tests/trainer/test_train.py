@@ -245,3 +245,30 @@ def test_mask_spread_tells_a_collapse_from_a_model_that_follows_the_images():
     assert mask_spread(np.repeat(truth[:1], 6, axis=0), truth) == 0.0  # the same blob everywhere
     assert mask_spread(np.zeros_like(truth), truth) == 0.0  # nothing anywhere
     assert np.isnan(mask_spread(truth, np.zeros_like(truth)))  # no polyp to compare with
+
+
+def test_stage1_centres_its_latents_when_asked_and_a_reused_stage1_keeps_the_shift(kvasir_40, tmp_path):
+    """center_latents: the training masks' latents get zero mean per channel and unit spread, and
+    the autoencoder's weights are those of the same run uncentred; off, no shift is recorded
+    (earlier recipes' models unchanged). A copied mask_ae/ hands its shift on."""
+    import shutil
+
+    from syndiff_trainer.data import apply_split, load_sources
+
+    runs = {}
+    for name, centre in (("plain", "false"), ("centred", "true")):
+        recipe = tiny_recipe(("kvasir", kvasir_40, "phash"), sets=[f"stage1.center_latents={centre}", "steps=2"])
+        fit(recipe, RunOptions(out=str(tmp_path / name), progress=False, threads=1))
+        runs[name] = Segmenter.from_pretrained(tmp_path / name / "mask_ae")
+    plain, centred = runs["plain"], runs["centred"]
+    assert plain.config.latent_shift is None and len(centred.config.latent_shift) == centred.config.latent_channels
+    assert all(torch.equal(v, plain.mask_vae.state_dict()[k]) for k, v in centred.mask_vae.state_dict().items())
+    ds = load_sources(recipe.data, recipe.image_size, progress=False).ds
+    train, _ = apply_split(ds, json.loads((tmp_path / "centred" / "split.json").read_text()))
+    with torch.no_grad():
+        z = centred.encode_mask(torch.from_numpy(train.masks[:256]).unsqueeze(1).float())
+    assert torch.allclose(z.mean((0, 2, 3)), torch.zeros(z.shape[1]), atol=1e-4)
+    assert z.std().item() == pytest.approx(1.0, abs=1e-3)
+    shutil.copytree(tmp_path / "centred" / "mask_ae", tmp_path / "reuse" / "mask_ae")
+    fit(recipe, RunOptions(out=str(tmp_path / "reuse"), progress=False, threads=1))
+    assert Segmenter.from_pretrained(tmp_path / "reuse" / "model").config.latent_shift == centred.config.latent_shift

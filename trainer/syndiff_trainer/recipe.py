@@ -110,6 +110,10 @@ class Stage1Spec(_Strict):
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(16, ge=1)
     target_dice: float = Field(0.99, gt=0, le=1)
+    # Centre the latents per channel before scaling them (model.latent_shift). Off keeps earlier
+    # recipes' models bit for bit; on, no stage 1 can hand stage 2 a zero latent that decodes to
+    # polyp everywhere, the start from which three runs collapsed (docs/runs/three-centres-10000).
+    center_latents: bool = False
 
 
 class SamplingSpec(_Strict):

@@ -213,10 +213,14 @@ def train_mask_autoencoder(model: Segmenter, train: ArrayDataset, val: ArrayData
                     break
             bar.advance(task)
     vae.eval().requires_grad_(False)
-    with torch.no_grad():  # LDM convention: scale latents to unit variance
+    with torch.no_grad():  # LDM convention: scale latents to unit variance (centred first, if asked)
         m = torch.from_numpy(train.masks[:256]).unsqueeze(1).float().to(device)
-        model.config.latent_scaling_factor = 1.0
+        model.config.latent_scaling_factor, model.config.latent_shift = 1.0, None
         z = torch.cat([model.encode_mask(m[i:i + 32]) for i in range(0, len(m), 32)])
+        if spec.center_latents:
+            shift = z.mean((0, 2, 3))
+            model.config.latent_shift = tuple(shift.tolist())
+            z = z - shift.view(1, -1, 1, 1)
         model.config.latent_scaling_factor = float(1.0 / z.std())
     return best
 
@@ -297,7 +301,7 @@ def _build_model(recipe: Recipe, device) -> tuple[Segmenter, bool]:
 
 def with_stage1(recipe: Recipe, device, mask_ae: Path) -> Segmenter:
     """The recipe's model (seeded as a fresh run builds it) with what stage 1 made in `mask_ae`:
-    the mask autoencoder's weights and the latent scale it measured (`train_mask_autoencoder`).
+    the mask autoencoder's weights and the latent scale and shift it measured (`train_mask_autoencoder`).
 
     Only these are taken: the rest of the folder is the initial weights of the run that wrote it,
     which this recipe rebuilds bit for bit, and a recipe that adds a module (a presence head) can
@@ -310,6 +314,7 @@ def with_stage1(recipe: Recipe, device, mask_ae: Path) -> Segmenter:
         raise RecipeError(f"{mask_ae}: its mask autoencoder does not match the recipe's model "
                           "(mask_stem, vae_* settings); delete the folder to train stage 1 again") from None
     model.config.latent_scaling_factor = stage1.config.latent_scaling_factor
+    model.config.latent_shift = stage1.config.latent_shift
     return model
 
 
