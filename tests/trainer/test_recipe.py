@@ -22,13 +22,13 @@ def test_the_default_recipe_is_the_one_that_built_the_default_checkpoint():
     from syndiff_trainer.train import load_run_recipe
 
     shipped, recorded = load_recipe(DEFAULT_RECIPE), load_run_recipe(default_checkpoint_path())
-    # the run was the earlier default recipe with --set overrides (its recorded name) reading that
-    # default's split.json, which the grouped policy reproduces exactly
-    assert set(recipe_diff(shipped, recorded)) <= {"name", "split.file", "split.policy"}
+    assert recipe_diff(shipped, recorded) == []
     built = read_checkpoint_config(default_checkpoint_path())
-    # every architecture field; the latent scale is measured on the masks in stage 1, the threshold
-    # and minimum area chosen after training (`syndiff-train operating-point --write`)
-    measured = {k: getattr(built, k) for k in ("latent_scaling_factor", "threshold", "min_area")}
+    # every architecture field; the latent scale and shift are measured on the masks in stage 1, the
+    # presence head fitted after training (`syndiff-train presence-head`), the threshold and minimum
+    # area chosen after that (`syndiff-train operating-point --write`)
+    measured = {k: getattr(built, k) for k in ("latent_scaling_factor", "latent_shift", "presence_head",
+                                               "threshold", "min_area")}
     assert shipped.model_config_().model_copy(update=measured) == built
 
 
@@ -75,3 +75,4 @@ def test_missing_file_unknown_name_and_bad_toml(tmp_path):
 def test_set_values_parse_as_toml():
     assert parse_value("5e-4") == 5e-4 and parse_value("true") is True and parse_value("[1, 2]") == [1, 2]
     assert parse_value("scope") == "scope" and parse_value('"scope"') == "scope"
+
