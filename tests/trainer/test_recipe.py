@@ -76,3 +76,7 @@ def test_set_values_parse_as_toml():
     assert parse_value("5e-4") == 5e-4 and parse_value("true") is True and parse_value("[1, 2]") == [1, 2]
     assert parse_value("scope") == "scope" and parse_value('"scope"') == "scope"
 
+
+def test_a_recipe_of_another_kind_is_refused_with_the_command_that_trains_it():
+    with pytest.raises(RecipeError, match="inpainter recipe.*syndiff-train inpainter"):
+        load_recipe("inpainter-small")

@@ -92,6 +92,35 @@ def fit(
 
 
 @app.command()
+def inpainter(
+    recipe: Optional[str] = typer.Option(None, metavar="RECIPE", help="inpainter recipe file (.toml) or shipped "
+                                         "name (default: inpainter-small)"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP.replace(
+        "optim.lr=5e-4 --set data.1.weight=2", "train.steps=2000 --set image_size=192")),
+    out: Path = typer.Option(..., metavar="DIR", help="run folder: records, vae/, state/ and model/ (the pipeline)"),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda[:N]"),
+    threads: Optional[int] = typer.Option(None, metavar="N", help="CPU threads for torch (recorded: float sums depend on it)"),
+    stop_at: Optional[int] = typer.Option(None, metavar="N", help="stop after this stage-2 step; run again to resume"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+):
+    """Train a small text-conditioned inpainting latent diffusion model on the recipe's polyp frames
+    (autoencoder, then U-Net + text encoder; prompts from the data) and write OUT/model/, a diffusers
+    inpainting pipeline folder for `synth --weights` (docs/training.md). Resumes if OUT has state;
+    `reproduce OUT/model` reruns it and compares the logs."""
+    from .inpainter import DEFAULT_INPAINTER_RECIPE, fit_inpainter, load_inpainter_recipe
+    from .recipe import RecipeError
+    from .train import RunOptions
+
+    try:
+        cfg = load_inpainter_recipe(recipe or DEFAULT_INPAINTER_RECIPE, set_ or [])
+    except RecipeError as exc:
+        _fail(exc)
+    result = _run(fit_inpainter, cfg, RunOptions(out=str(out), device=device, threads=threads, stop_at=stop_at,
+                                                 progress=progress))
+    typer.echo(json.dumps(result))
+
+
+@app.command()
 def reproduce(
     checkpoint: Path = typer.Argument(..., help="a checkpoint folder with recipe.toml, manifest.json and log.jsonl"),
     out: Path = typer.Option(..., metavar="DIR", help="run folder for the rerun"),
@@ -100,11 +129,14 @@ def reproduce(
     threads: Optional[int] = typer.Option(None, metavar="N", help="default: the thread count the checkpoint recorded"),
     progress: bool = typer.Option(True, help="show progress bars"),
 ):
-    """Rerun a checkpoint's recorded recipe on its recorded data and compare the weights."""
+    """Rerun a checkpoint's recorded recipe on its recorded data and compare the weights (an
+    inpainter's model or run folder: every loss and weights digest the two logs share)."""
+    from .inpainter import is_inpainter_run, reproduce_inpainter
     from .train import RunOptions, explain, reproduce as run_reproduce
 
-    report = _run(run_reproduce, checkpoint, RunOptions(out=str(out), device=device, threads=threads,
-                                                        stop_at=stop_at, progress=progress))
+    run = reproduce_inpainter if is_inpainter_run(checkpoint) else run_reproduce
+    report = _run(run, checkpoint, RunOptions(out=str(out), device=device, threads=threads, stop_at=stop_at,
+                                              progress=progress))
     typer.echo(json.dumps(report))
     if report.get("identical") is False:
         typer.secho(explain(report), err=True)
@@ -357,7 +389,9 @@ def synth(
     count: int = typer.Option(..., metavar="N", help="accepted samples wanted"),
     weights: Optional[Path] = typer.Option(None, metavar="PATH", help="local diffusers inpainting folder (SDXL inpainting or other)"),
     method: str = typer.Option("inpaint", metavar="TEXT", help="inpaint (text-guided diffusion) or copy-paste (baseline)"),
-    prompts: Optional[Path] = typer.Option(None, metavar="PATH", help="prompt bank (.json like the shipped one, or .txt one per line)"),
+    prompts: Optional[Path] = typer.Option(None, metavar="PATH", help="prompt bank (.json like the shipped one, or .txt "
+                                           "one per line); default: the --weights folder's prompts.json if it has one "
+                                           "(an `inpainter` model), else the shipped bank"),
     normal_frames: Optional[Path] = typer.Option(None, metavar="PATH", help="folder of polyp-free frames to inpaint into"),
     mask_source: str = typer.Option("mixed", metavar="TEXT", help="mixed, real (re-placed annotations) or parametric (ellipse/blob)"),
     resolution: Optional[int] = typer.Option(None, metavar="N", help="generation size (default: the pipeline's native size)"),

@@ -293,6 +293,9 @@ def load_recipe(source: str | Path, sets: list[str] | None = None) -> Recipe:
 
 
 def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
+    if data.get("kind", "segmenter") != "segmenter":  # e.g. an inpainter recipe (inpainter.py)
+        raise RecipeError(f"{where}: a {data['kind']} recipe, not a segmenter's; "
+                          f"train it with `syndiff-train {data['kind']} --recipe ...`")
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:

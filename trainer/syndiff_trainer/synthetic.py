@@ -68,7 +68,7 @@ class SynthConfig:
     count: int  # accepted samples wanted
     method: str = "inpaint"
     weights: str | None = None  # local diffusers inpainting folder (method inpaint)
-    prompts: str | None = None  # prompt bank file; None: the shipped bank
+    prompts: str | None = None  # prompt bank file; None: the weights folder's prompts.json, else the shipped bank
     normal_frames: str | None = None  # folder of polyp-free frames
     mask_source: str = "mixed"
     resolution: int | None = None  # None: the pipeline's native size (copy-paste: 512)
@@ -284,6 +284,16 @@ def _check_resume(out: Path, settings: dict) -> None:
         path.write_text(json.dumps(settings, indent=1) + "\n")
 
 
+def prompt_bank_file(cfg: SynthConfig) -> Path:
+    """--prompts; else the weights folder's own prompts.json where it has one (a model trained by
+    `syndiff-train inpainter` ships the prompts it was taught: the shipped bank's words are unknown
+    to it); else the shipped bank."""
+    if cfg.prompts:
+        return Path(cfg.prompts)
+    own = Path(cfg.weights) / "prompts.json" if cfg.method == "inpaint" and cfg.weights else None
+    return own if own is not None and own.is_file() else Path(__file__).with_name("prompts.json")
+
+
 def run_synth(cfg: SynthConfig, generator: Callable[[list[Sample]], list[np.ndarray]] | None = None,
               gate=None) -> dict:
     """Generate until `count` samples are accepted (or `max_attempts` tried); resumes from the manifest.
@@ -297,7 +307,7 @@ def run_synth(cfg: SynthConfig, generator: Callable[[list[Sample]], list[np.ndar
     device = pick_device(cfg.device)
     if cfg.fp16 and not device.startswith("cuda"):
         raise SystemExit("--fp16 needs a CUDA device (half precision inpainting is not supported on CPU)")
-    bank_file = Path(cfg.prompts) if cfg.prompts else Path(__file__).with_name("prompts.json")
+    bank_file = prompt_bank_file(cfg)
     bank = PromptBank.load(bank_file)
     resolution = cfg.resolution
     if generator is None and cfg.method == "inpaint":

@@ -227,27 +227,32 @@ def train_mask_autoencoder(model: Segmenter, train: ArrayDataset, val: ArrayData
 
 # ---- resumable state -------------------------------------------------------------------------
 
-def _save_state(path: Path, model, ema: EMAModel, opt, step: int, best: float) -> None:
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{i}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)})
+def save_state(path: Path, module: torch.nn.Module, ema: EMAModel | None, opt, meta: dict) -> None:
+    """What resuming needs (weights, EMA shadow, optimiser) as safetensors + JSON, written atomically;
+    `meta` (step and the like) goes into the JSON. The segmenter's and the inpainter's runs share it."""
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{i}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)})
     opt_state = opt.state_dict()
     for idx, st in opt_state["state"].items():
         for name, value in st.items():
             tensors[f"opt.{idx}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
-    meta = {"step": step, "best": best, "model_config": model.config.to_dict(),
-            "ema_optimization_step": ema.optimization_step, "param_groups": opt_state["param_groups"]}
+    meta = {**meta, "ema_optimization_step": ema.optimization_step if ema is not None else None,
+            "param_groups": opt_state["param_groups"]}
     with atomic_path(path / "state.safetensors") as tmp_t, atomic_path(path / "state.json") as tmp_j:
         save_file(tensors, str(tmp_t))
         tmp_j.write_text(json.dumps(meta, indent=1))
 
 
-def _load_state(path: Path, model, ema: EMAModel, opt) -> dict:
+def load_state(path: Path, module: torch.nn.Module, ema: EMAModel | None, opt) -> dict:
+    """Inverse of `save_state`; returns its meta."""
     meta = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "state.safetensors"))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    for i, p in enumerate(ema.shadow_params):
-        p.copy_(tensors[f"ema.{i}"])
-    ema.optimization_step = meta["ema_optimization_step"]
+    module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None:
+        for i, p in enumerate(ema.shadow_params):
+            p.copy_(tensors[f"ema.{i}"])
+        ema.optimization_step = meta["ema_optimization_step"]
     state: dict = {}
     for key, value in tensors.items():
         if key.startswith("opt."):
@@ -430,7 +435,7 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
     ema = EMAModel(params, decay=recipe.ema.decay, foreach=device.type == "cuda")
     step, best = 0, -1.0
     if resuming:
-        meta = _load_state(state_dir, model, ema, opt)
+        meta = load_state(state_dir, model, ema, opt)
         step, best = meta["step"], meta["best"]
         say(f"resuming at step {step}")
     sched = lr_schedule(opt, recipe, step)
@@ -517,7 +522,8 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
                     best = metrics["select_dice"]
                     scored.save_pretrained(out / "best", extra=extra)
                 scored.save_pretrained(out / "last", extra=extra)
-                _save_state(state_dir, model, ema, opt, step, best)
+                save_state(state_dir, model, ema, opt,
+                           {"step": step, "best": best, "model_config": model.config.to_dict()})
                 info += f" val dice {metrics.get('val_dice', float('nan')):.4f}"
                 if metrics.get("val_spread", 1.0) < COLLAPSED_SPREAD:
                     say(f"step {step}: stage 2 predicts about the same mask for every validation image "
@@ -535,6 +541,22 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
     return finish(out, recipe)
 
 
+def run_data(recipe, out: Path, progress: bool, **cache) -> tuple:
+    """(sources, split) of a run folder: a resumed run must find the data its manifest recorded and
+    keeps its split; a new one splits the recipe's way. Any recipe with `data` and `split` (the
+    segmenter's, the inpainter's)."""
+    sources = load_sources(recipe.data, recipe.image_size, recipe.split.phash_threshold, progress=progress, **cache)
+    if (out / "manifest.json").is_file():
+        why = manifest_mismatch(json.loads((out / "manifest.json").read_text()), sources.manifest)
+        if why:
+            raise RecipeError(f"{out} was trained on other data: {why}")
+        split = json.loads((out / "split.json").read_text())
+        apply_split(sources.ds, split)  # refuses leaks and unknown stems
+    else:
+        split = make_split(recipe, sources.ds)
+    return sources, split
+
+
 def _prepare(recipe: Recipe, opts: RunOptions, out: Path, world: World):
     """(train, val, select, sources) of a new or resumed run; a new run's records are written here,
     before training, so a crashed run still says what it was."""
@@ -548,17 +570,8 @@ def _prepare(recipe: Recipe, opts: RunOptions, out: Path, world: World):
             raise RecipeError(f"{out} holds a run of another recipe (differs in {', '.join(changed[:5])}); "
                               "resume it with its own recipe or choose a new --out")
     cache = {"cache_dir": Path(opts.cache_dir)} if opts.cache_dir else {}
-    sources = load_sources(recipe.data, recipe.image_size, recipe.split.phash_threshold,
-                           progress=opts.progress and world.is_main, **cache)
+    sources, split = run_data(recipe, out, opts.progress and world.is_main, **cache)
     ds = sources.ds
-    if (out / "manifest.json").is_file():
-        why = manifest_mismatch(json.loads((out / "manifest.json").read_text()), sources.manifest)
-        if why:
-            raise RecipeError(f"{out} was trained on other data: {why}")
-        split = json.loads((out / "split.json").read_text())
-        apply_split(ds, split)
-    else:
-        split = make_split(recipe, ds)
     train, val = apply_split(ds, split)
     select = apply_split(ds, split, "select")
     free = {"train": None, "val": None, "select": None}
