@@ -44,7 +44,6 @@ import sys
 import time
 import tomllib
 from collections import Counter
-from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
@@ -61,8 +60,8 @@ from syndiff_stream.preprocess import to_model_range
 from .data import BatchSampler, apply_split, load_sources, manifest_mismatch, sample_seed
 from .frame_prompts import all_prompts, frame_prompts, prompt_bank, read_classes
 from .machine import differences, machine_facts
-from .recipe import RECIPE_NAME, RecipeError, SourceSpec, SplitSpec, _drop_none, _Strict, apply_sets, recipe_diff, \
-    recipe_path
+from .recipe import RECIPE_NAME, RecipeError, SourceSpec, SplitSpec, _drop_none, _Strict, apply_sets, check_sources, \
+    recipe_diff, recipe_path
 from .train import RunOptions, _progress, library_versions, load_state, run_data, save_state, weights_digest
 
 KIND = "inpainter"
@@ -163,11 +162,7 @@ class InpainterRecipe(_Strict):
     def _check(self) -> "InpainterRecipe":
         if self.version != INPAINTER_VERSION:
             raise ValueError(f"inpainter recipe version {self.version}; this trainer reads version {INPAINTER_VERSION}")
-        names = [s.name for s in self.data]
-        if len(set(names)) != len(names):
-            raise ValueError(f"data source names must be unique, got {names}")
-        if self.split.policy == "holdout-source" and self.split.holdout not in names:
-            raise ValueError(f"split.holdout {self.split.holdout!r} names no data source (have {names})")
+        check_sources(self.data, self.split)
         for section, channels, groups in (("vae", self.vae.block_out_channels, self.vae.norm_num_groups),
                                           ("unet", self.unet.block_out_channels, self.unet.norm_num_groups)):
             bad = [c for c in channels if c % groups]
@@ -394,21 +389,11 @@ def _prepare(recipe: InpainterRecipe, opts: RunOptions, out: Path, device: str):
         write_text(out / "run.json", json.dumps({
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv, "kind": KIND,
             "threads": torch.get_num_threads(), "device": device, "machine": machine_facts(torch.device(device)),
-            "libraries": {**library_versions(), **_versions("transformers", "tokenizers")},
+            "libraries": library_versions("transformers", "tokenizers"),
             "data": {"train": len(train), "select": len(split.get("select", [])), "val": len(val),
                      "train_prompt_words": counts}}, indent=1))
         write_text(out / RECIPE_NAME, recipe.to_toml())
     return train, val, {s: d["prompt"] for s, d in described.items()}, sources
-
-
-def _versions(*names: str) -> dict:
-    out = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def _trainable(parts: dict, recipe: InpainterRecipe) -> torch.nn.ModuleDict:

@@ -155,6 +155,16 @@ class SyntheticSpec(_Strict):
     ratio: float | None = None  # synthetic samples per real training image
 
 
+def check_sources(data: list[SourceSpec], split: SplitSpec) -> None:
+    """Source names unique, and a held-out source one of them: every recipe with data (the
+    segmenter's, the inpainter's) checks this in its validator."""
+    names = [s.name for s in data]
+    if len(set(names)) != len(names):
+        raise ValueError(f"data source names must be unique, got {names}")
+    if split.policy == "holdout-source" and split.holdout not in names:
+        raise ValueError(f"split.holdout {split.holdout!r} names no data source (have {names})")
+
+
 class Recipe(_Strict):
     version: int = RECIPE_VERSION
     name: str = "run"
@@ -181,11 +191,7 @@ class Recipe(_Strict):
     def _check(self) -> "Recipe":
         if self.version != RECIPE_VERSION:
             raise ValueError(f"recipe version {self.version}; this trainer reads version {RECIPE_VERSION}")
-        names = [s.name for s in self.data]
-        if len(set(names)) != len(names):
-            raise ValueError(f"data source names must be unique, got {names}")
-        if self.split.policy == "holdout-source" and self.split.holdout not in names:
-            raise ValueError(f"split.holdout {self.split.holdout!r} names no data source (have {names})")
+        check_sources(self.data, self.split)
         if self.split.policy == "file" and not self.split.file:
             raise ValueError("split.policy 'file' needs split.file")
         clash = set(self.model.overrides) & set(RECIPE_OWNED)

@@ -121,9 +121,10 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def library_versions() -> dict:
+def library_versions(*extra: str) -> dict:
+    """Python, platform and the versions of LIBRARIES (and of `extra` packages); None: not installed."""
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in LIBRARIES:
+    for name in (*LIBRARIES, *extra):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
