@@ -208,6 +208,22 @@ def test_mix_by_count_or_ratio():
         synthetic_count(10, 0.5, 100)
 
 
+def test_synthetic_weight_sets_the_synthetic_share_of_draws():
+    from syndiff_trainer.data import ArrayDataset, BatchSampler
+    from syndiff_trainer.recipe import Recipe
+    from syndiff_trainer.train import draw_weights
+
+    stems = [f"kvasir/{i}" for i in range(6)] + [f"clinicdb/{i}" for i in range(3)] + [f"synthetic/{i}" for i in range(40)]
+    ds = ArrayDataset(np.zeros((len(stems), 8, 8, 3), np.uint8), np.zeros((len(stems), 8, 8), bool), stems)
+    data = [{"name": "kvasir", "path": "k"}, {"name": "clinicdb", "path": "c"}]
+    for weight, share in ((1.0, 1 / 3), (0.5, 0.2)):
+        recipe = Recipe(data=data, synthetic={"path": "s", "weight": weight})
+        p = BatchSampler(ds, 4, 0, source_weights=draw_weights(recipe, {"kvasir": 1.0, "clinicdb": 1.0})).p
+        assert p[-40:].sum() == pytest.approx(share)  # whatever the synthetic set's size
+    with pytest.raises(ValueError, match="weight"):
+        Recipe(data=data, synthetic={"path": "s", "weight": 0})
+
+
 def test_missing_or_incomplete_weights_fail_with_the_expected_layout(tiny_sdxl, kvasir_subset, tmp_path):
     result = RUNNER.invoke(app, ["synth", "--data", str(kvasir_subset), "--out", str(tmp_path / "o"), "--count", "1",
                                  "--weights", str(tmp_path / "nothing"), "--no-gate"])

@@ -411,6 +411,7 @@ def synth(
     cpu_offload: bool = typer.Option(False, "--cpu-offload", help="enable_model_cpu_offload (needs accelerate)"),
     attention_slicing: bool = typer.Option(False, "--attention-slicing", help="lower peak memory, slower"),
     keep_rejected: bool = typer.Option(True, help="write rejected samples under rejected/ for audit"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
 ):
     """Text-guided synthetic polyps with a quality gate (DiffAug); resumable, same seed -> same samples."""
     from .synthetic import SynthConfig, run_synth
@@ -422,12 +423,44 @@ def synth(
                       blend=blend, gate=not no_gate, gate_model=str(gate_model) if gate_model else None,
                       gate_threshold=gate_threshold, max_attempts=max_attempts, seed=seed, batch_size=batch_size,
                       device=device, fp16=fp16, cpu_offload=cpu_offload, attention_slicing=attention_slicing,
-                      keep_rejected=keep_rejected)
+                      keep_rejected=keep_rejected, progress=progress)
     try:
         summary = run_synth(cfg)
     except (ValueError, FileNotFoundError) as exc:  # WeightsError, DatasetError, bad prompt file: one line
         raise SystemExit(f"synth: {exc}") from None
     typer.echo(json.dumps(summary))
+
+
+@app.command("synth-report")
+def synth_report_(
+    folder: Path = typer.Argument(..., help="a folder written by `syndiff-train synth` (kept rejected samples too)"),
+    reference: Optional[List[Path]] = typer.Option(None, metavar="PATH", help="the generator's training frames "
+                                                   "(repeatable): memorisation is the distance to their polyps"),
+    control: Optional[List[Path]] = typer.Option(None, metavar="PATH", help="real frames the generator never saw "
+                                                 "(repeatable): their polyps' distance to the reference is the yardstick"),
+    gate_model: Optional[Path] = typer.Option(None, metavar="PATH", help="segmenter that measures the painted size "
+                                              "(default: the shipped checkpoint; use the synth run's gate model)"),
+    sheet: Optional[Path] = typer.Option(None, metavar="PNG", help="write the picture sheet here"),
+    out: Optional[Path] = typer.Option(None, metavar="JSON", help="write the report here"),
+):
+    """Measure a synth run: the gate's pass rate per prompt attribute, requested against found
+    polyp size, each accepted polyp's distance to the nearest training polyp, and a picture sheet."""
+    from syndiff_stream.atomic import write_text
+
+    from .gate import load_gate_model
+    from .prompts import DEFAULT_SIZE_CLASSES
+    from .synth_report import synth_report
+
+    try:
+        report = synth_report(folder, [str(p) for p in reference or []], [str(p) for p in control or []],
+                              load_gate_model(str(gate_model) if gate_model else None), dict(DEFAULT_SIZE_CLASSES),
+                              sheet)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        _fail(exc)
+    text = json.dumps(report, indent=1)
+    if out:
+        write_text(out, text)
+    typer.echo(text)
 
 
 @app.command()

@@ -153,6 +153,9 @@ class SyntheticSpec(_Strict):
     path: str = ""  # folder written by `syndiff-train synth`; empty: none
     count: int | None = None
     ratio: float | None = None  # synthetic samples per real training image
+    # How often a synthetic sample is drawn: the synthetic set is one more source, drawn at this
+    # weight beside the data sources' own (1.0 each by default), whatever its size.
+    weight: float = Field(1.0, gt=0)
 
 
 def check_sources(data: list[SourceSpec], split: SplitSpec) -> None:

@@ -447,7 +447,7 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
         return m.eval()
 
     sampler = BatchSampler(train, recipe.batch_size, recipe.seed, build_augmenter(recipe.augment.preset),
-                           sources.weights, image_weights=small_polyp_weights(train, recipe.sampling),
+                           draw_weights(recipe, sources.weights), image_weights=small_polyp_weights(train, recipe.sampling),
                            negatives=free["train"], negative_rate=recipe.negatives.rate,
                            negatives_from=recipe.negatives.start, negatives_ramp=recipe.negatives.ramp)
     net = world.wrap(TrainStep(model))
@@ -601,6 +601,11 @@ def _prepare(recipe: Recipe, opts: RunOptions, out: Path, world: World):
                      **({f"{k}_polyp_free_crops": len(v) for k, v in free.items() if v is not None})}}, indent=1))
         write_text(out / RECIPE_NAME, recipe.to_toml())
     return train, val, select, sources, free
+
+
+def draw_weights(recipe: Recipe, source_weights: dict[str, float]) -> dict[str, float]:
+    """Each source's share of the draws: the data sources' weights, and the synthetic set's."""
+    return {**source_weights, "synthetic": recipe.synthetic.weight}
 
 
 def add_erased(frames: ArrayDataset, free: ArrayDataset, spec: NegativesSpec) -> tuple[ArrayDataset, ArrayDataset]:
