@@ -36,8 +36,9 @@ def test_prompt_attributes_and_pass_rates_per_value():
     assert rates["size"]["diminutive"]["rate"] == 0.0 and rates["size"]["large"]["rate"] == 1.0
     assert rates["shape"]["round"] == {"tried": 2, "accepted": 1, "rate": 0.5}
     assert rates["class"]["any"]["tried"] == 2 and rates["centre"]["kvasir"]["tried"] == 2
-    copy_paste = {"prompt": None, "size_class": None, "mask": {"kind": "annotation"}, "accepted": True}
-    assert prompt_attributes(copy_paste)["size"] == "any"
+    copy_paste = {"prompt": None, "size_class": None, "resolution": 100, "accepted": True,
+                  "mask": {"kind": "annotation", "diameter_px": 8.0}}
+    assert prompt_attributes(copy_paste)["size"] == "diminutive"  # no prompt: the planned mask's size
 
 
 def test_new_polyp_is_what_lies_wholly_inside_the_planned_box(tmp_path):

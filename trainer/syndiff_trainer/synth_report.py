@@ -36,16 +36,19 @@ TILE = 128
 
 
 def prompt_attributes(record: dict) -> dict:
-    """The attributes a sample was asked for: size class, shape, class, centre (inpaint prompts
-    are `colonoscopy, <size> [shape] [class] polyp, <centre>`), and the mask's kind."""
+    """The attributes a sample was asked for: size class (the prompt's, else the planned mask's),
+    shape, class, centre (inpaint prompts are `colonoscopy, <size> [shape] [class] polyp, <centre>`),
+    and the mask's kind."""
     text = record.get("prompt") or ""
     parts = [p.strip() for p in text.split(",")]
     words = parts[1].split() if len(parts) > 1 else []
-    attrs = {"size": record.get("size_class") or "any",
+    mask = record.get("mask") or {}
+    planned = size_class(mask["diameter_px"] / record["resolution"]) if "diameter_px" in mask else "any"
+    attrs = {"size": record.get("size_class") or planned,
              "shape": next((w for w in words if w in SHAPES), "any"),
              "class": next((w for w in words if w in CLASS_WORDS), "any"),
              "centre": parts[2] if len(parts) > 2 else "any",
-             "mask": (record.get("mask") or {}).get("kind", "?")}
+             "mask": mask.get("kind", "?")}
     return attrs
 
 
