@@ -45,14 +45,20 @@ class QualityGate:
               existing_masks: list[np.ndarray]) -> list[GateScore]:
         preds, fovs = self.predict(images)
         size = self.model.config.image_size
-        margin = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
         scores = []
         for pred, fov, new, old in zip(preds, fovs, new_masks, existing_masks):
             new_s, old_s = prepare_mask(new, fov, size), prepare_mask(old, fov, size)
-            near_old = cv2.dilate(old_s.astype(np.uint8), margin).astype(bool) & ~new_s
+            near_old = near_existing(new_s, old_s)
             gate_iou = iou(pred & ~near_old, new_s)
             scores.append(GateScore(gate_iou, iou(pred, new_s | old_s), gate_iou >= self.threshold))
         return scores
+
+
+def near_existing(new: np.ndarray, existing: np.ndarray) -> np.ndarray:
+    """Pixels next to a polyp the frame already had (a 7 px disc around it), outside the new one:
+    what neither the gate nor `synth-report` counts as finding the painted polyp."""
+    margin = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
+    return cv2.dilate(existing.astype(np.uint8), margin).astype(bool) & ~new
 
 
 def load_gate_model(path: str | None) -> Segmenter:

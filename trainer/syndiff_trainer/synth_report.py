@@ -98,9 +98,9 @@ def _rows(rates: dict):
 def found_size(pred: np.ndarray, new: np.ndarray, existing: np.ndarray) -> float:
     """Equivalent diameter over the side of what was predicted on the painted polyp: the predicted
     components that touch the new mask, without the pixels next to a polyp the frame already had."""
-    margin = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
-    near_old = cv2.dilate(existing.astype(np.uint8), margin).astype(bool) & ~new
-    pred = pred & ~near_old
+    from .gate import near_existing
+
+    pred = pred & ~near_existing(new, existing)
     n, labels = cv2.connectedComponents(pred.astype(np.uint8), connectivity=8)
     touching = set(np.unique(labels[new & pred])) - {0}
     area = int(np.isin(labels, list(touching)).sum()) if touching else 0
