@@ -388,7 +388,9 @@ class OpenVinoBackend(Backend):
     name = "openvino"
 
     def __init__(self, seg: Segmenter, device="cpu", threads: int | None = None, workers: int | None = None,
-                 graph: str = "fused"):
+                 graph: str = "fused", precision: str = "f32"):
+        if precision not in ("f32", "bf16"):
+            raise BackendError(f"openvino precision {precision!r}: f32 or bf16")
         try:
             import openvino  # noqa: F401
         except ImportError:
@@ -401,6 +403,7 @@ class OpenVinoBackend(Backend):
             export_onnx(seg, self.path, graph=graph)
         self.threads = threads or max(1, os.cpu_count() or 1)
         self.max_workers = self.threads
+        self.precision = precision
         self.compiled = None
         self.configure(workers or 1)
 
@@ -419,7 +422,9 @@ class OpenVinoBackend(Backend):
             raise BackendError(f"{self.path}: not a loadable ONNX model ({str(exc).splitlines()[0][:200]})") from None
         self.compiled = core.compile_model(model, "CPU", {
             "INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": workers,
-            "INFERENCE_PRECISION_HINT": "f32",  # bf16 on CPUs that have it would change the masks
+            # OpenVINO's own default is bf16 on CPUs with AMX or AVX512_BF16: it changes the masks,
+            # so only the openvino-bf16 path (parity measured) asks for it
+            "INFERENCE_PRECISION_HINT": self.precision,
             "PERFORMANCE_HINT": "LATENCY" if workers == 1 else "THROUGHPUT"})
         self.requests = threading.local()
         self.workers = workers

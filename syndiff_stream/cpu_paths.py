@@ -87,6 +87,8 @@ PATHS = _paths(
             int8=Int8Options(keep_edges=True), what="onnx-int8 with the first and last convolutions kept fp32"),
     CpuPath(name="openvino", kind="openvino",
             what="OpenVINO's CPU runtime, fp32, on the onnx path's file (its own GroupNorm and conv kernels)"),
+    CpuPath(name="openvino-bf16", kind="openvino", precision="bf16", exact=False, needs=BF16_FLAGS,
+            what="openvino with bf16 inference precision (AMX or AVX512_BF16 kernels), fp32 in and out"),
     CpuPath(name="eager", kind="eager", what="PyTorch eager fp32 (oneDNN convolutions), torch's threads"),
     CpuPath(name="eager-cl", kind="eager", channels_last=True, what="eager in channels-last (NHWC) memory"),
     CpuPath(name="eager-bf16", kind="eager", precision="bf16", exact=False, needs=BF16_FLAGS, channels_last=True,
@@ -151,7 +153,8 @@ def build_path(name: str, seg: Segmenter, device: str = "cpu", threads: int | No
         backend = OnnxBackend(seg, device, onnx_path=onnx_path, threads=threads, options=path.ort,
                               graph=path.graph, **kwargs)
     elif path.kind == "openvino":
-        backend = OpenVinoBackend(seg, device, threads=threads, graph=path.graph, **kwargs)
+        backend = OpenVinoBackend(seg, device, threads=threads, graph=path.graph,
+                                  precision="bf16" if path.precision == "bf16" else "f32", **kwargs)
     elif path.kind == "eager":
         backend = EagerBackend(seg, device, bf16=path.precision == "bf16", channels_last=path.channels_last, **kwargs)
     else:

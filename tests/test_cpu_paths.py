@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import rt_make_tiny_segmenter
 from syndiff_stream import cpu_paths
-from syndiff_stream.backends import (BackendError, OnnxBackend, export_onnx, fold_stem, make_backend, model_hash,
+from syndiff_stream.backends import (BackendError, OnnxBackend, OpenVinoBackend, export_onnx, fold_stem, make_backend, model_hash,
                                      onnx_cache_path)
 from syndiff_stream.cli import app
 from syndiff_stream.cpu_paths import (PATHS, BF16_FLAGS, build_path, cache_key, candidates, choice_file, choose, pick,
@@ -122,6 +122,20 @@ def test_openvino_runs_the_onnx_file_to_the_same_probabilities(exported):
         w.join()
     for k in range(2):
         assert torch.allclose(results[k], exported.predict_proba(x_batch(seed=k)), atol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO not installed (pip install 'syndiff-stream[openvino]')")
+def test_openvino_asks_for_bf16_only_on_its_bf16_path(exported, monkeypatch):
+    """OpenVINO would pick bf16 by itself on an AMX CPU; the fp32 path must pin f32 there."""
+    assert make_backend("openvino", exported, threads=1).precision == "f32"
+    monkeypatch.setattr(cpu_paths, "cpu_facts", lambda: SAPPHIRE)  # the guard; on AVX2 OpenVINO stays f32
+    backend = make_backend("openvino-bf16", exported, threads=1)
+    assert backend.cpu_path == "openvino-bf16" and backend.precision == "bf16"
+    prob = backend.infer(x_batch())
+    err = (prob - exported.predict_proba(x_batch())).abs()  # bf16 keeps 8 bits: a random tiny model drifts
+    assert prob.dtype == torch.float32 and err.mean() < 0.02 and err.max() < 0.5, (err.mean(), err.max())
+    with pytest.raises(BackendError, match="openvino precision 'fp8'"):
+        OpenVinoBackend(exported, threads=1, precision="fp8")
 
 
 def test_openvino_missing_is_one_line(monkeypatch):

@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=200, help="frames timed per path per round")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median is reported")
     ap.add_argument("--data", action="append", default=None,
-                    help="NAME=DIR of a split source (default: kvasir and clinicdb under ../shared/data)")
+                    help="NAME=DIR of a split source (default: the three training centres under ../shared/data)")
     ap.add_argument("--split", type=Path, default=None, help="split.json (default: the checkpoint's)")
     ap.add_argument("--val-limit", type=int, default=None, help="validation images for parity (default: all)")
     ap.add_argument("--polyp-free", type=Path, default=DATA / "polyp-free-val" / "images")
@@ -240,7 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--record", action="store_true", help="keep parity and the fastest passing path in the cache "
                     "for --backend auto on this machine")
     args = ap.parse_args(argv)
-    args.data = args.data or [f"kvasir={DATA / 'kvasir-seg-train'}", f"clinicdb={DATA / 'cvc-clinicdb-train'}"]
+    args.data = args.data or [f"kvasir={DATA / 'kvasir-seg-train'}", f"clinicdb={DATA / 'cvc-clinicdb-train'}",
+                              f"neopolyp={DATA / 'neopolyp-train'}"]
     if args.frames < 1 or args.rounds < 1 or args.batch < 1:
         raise SystemExit("error: --frames, --rounds and --batch must be >= 1")
     report = measure(args)

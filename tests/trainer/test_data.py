@@ -131,6 +131,40 @@ def test_scope_field_of_view_clears_the_label_outside_the_view():
         assert dark.any() and not out["mask"][dark].any() and out["mask"][~dark].all()
 
 
+def test_channel_mix_keeps_grey_grey_and_moves_colours():
+    from syndiff_trainer.scope_augment import ChannelMix
+
+    mix = ChannelMix(sigma=0.3, p=1.0)
+    grey = np.full((8, 8, 3), 120, np.uint8)
+    reddish = np.zeros((8, 8, 3), np.uint8)
+    reddish[..., 0] = 200
+    moved = 0
+    for seed in range(6):
+        mix.set_random_seed(seed)
+        out = mix(image=grey)["image"].astype(int)
+        assert np.abs(out - 120).max() <= 1  # rows sum to one: grey stays grey
+        mix.set_random_seed(seed)
+        moved += np.abs(mix(image=reddish)["image"].astype(int) - reddish).max() > 10
+    assert moved >= 4
+
+
+def test_strong_colour_adds_to_any_preset_and_leaves_masks_alone():
+    img = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:20, 8:20] = 1
+    strong = build_augmenter("none", seed=0, colour="strong")  # colour alone
+    assert build_augmenter("none", seed=0) is None
+    changed = 0
+    for seed in range(8):
+        strong.set_random_seed(seed)
+        out = strong(image=img, mask=mask)
+        assert (out["mask"] == mask).all()
+        changed += not (out["image"] == img).all()
+    assert 2 <= changed <= 7  # on about half the samples (p = 0.6)
+    with pytest.raises(ValueError, match="colour augmentation 'loud'"):
+        build_augmenter("standard", colour="loud")
+
+
 def test_small_polyp_boost_draws_small_polyps_more_often_within_a_source():
     from syndiff_trainer.data import small_polyp_weights
     from syndiff_trainer.recipe import SamplingSpec

@@ -346,19 +346,23 @@ def apply_split(ds: ArrayDataset, split: dict[str, list[str]], side: str | None 
 
 # ---- augmentation --------------------------------------------------------------------------
 
-def build_augmenter(strength: str = "standard", seed: int | None = None):
+def build_augmenter(strength: str = "standard", seed: int | None = None, colour: str = "mild"):
     """Geometric + photometric augmentation (albumentations), or None for `none`.
 
     Noise is kept at scope-sensor level (2-6 % std): albumentations' default GaussNoise (20-44 %)
     drowns the mucosal texture the encoder has to learn from. `scope` adds what differs between
-    scopes and centres (see `scope_transforms`).
+    scopes and centres (see `scope_transforms`); `colour="strong"` adds `colour_transforms`.
     """
-    if strength == "none":
+    if strength not in ("none", "standard", "scope"):
+        raise ValueError(f"unknown augmentation {strength!r}: none, standard or scope")
+    if colour not in ("mild", "strong"):
+        raise ValueError(f"unknown colour augmentation {colour!r}: mild or strong")
+    if strength == "none" and colour == "mild":
         return None
     import albumentations as A
     import cv2
 
-    transforms = [
+    transforms = [] if strength == "none" else [
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),
         A.RandomRotate90(p=0.5),
@@ -371,8 +375,10 @@ def build_augmenter(strength: str = "standard", seed: int | None = None):
         from .scope_augment import scope_transforms
 
         transforms += scope_transforms()
-    elif strength != "standard":
-        raise ValueError(f"unknown augmentation {strength!r}: none, standard or scope")
+    if colour == "strong":
+        from .scope_augment import colour_transforms
+
+        transforms += colour_transforms()
     return A.Compose(transforms, seed=seed)
 
 

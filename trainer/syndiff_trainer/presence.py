@@ -131,7 +131,7 @@ def presence_head(model_dir: str | Path, out: str | Path, options: PresenceOptio
         with open(out / LOG_NAME, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    model = fit_presence_head(seg, polyp, free, options, build_augmenter(recipe.augment.preset, seed=options.seed), log)
+    model = fit_presence_head(seg, polyp, free, options, build_augmenter(recipe.augment.preset, seed=options.seed, colour=recipe.augment.colour), log)
     record = {"source": str(model_dir), "options": options.model_dump(), "data": counts,
               "threads": torch.get_num_threads()}
     model.save_pretrained(out, extra={"presence_head": record})

@@ -80,6 +80,10 @@ class AugmentSpec(_Strict):
     # white balance, gamma, vignetting, specular highlights, blur, compression, resolution,
     # field-of-view shapes, on-screen text)
     preset: Literal["none", "standard", "scope"] = "standard"
+    # mild: ColorJitter's small hue shift (and scope's white balance); strong adds wide hue and
+    # saturation shifts, random channel mixing and grey, for centres whose scopes and light modes
+    # (BLI, LCI, FICE) colour the mucosa differently (docs/runs/loco, item 8)
+    colour: Literal["mild", "strong"] = "mild"
 
 
 class LossSpec(_Strict):

@@ -135,3 +135,37 @@ def scope_transforms() -> list:
         FieldOfView(p=0.4),
         ScreenOverlay(p=0.4),
     ]
+
+
+class ChannelMix(A.ImageOnlyTransform):
+    """Each output channel a random mix of the three input channels (a 3 x 3 matrix near the
+    identity, rows summing to one so grey stays grey): a scope's spectral response, and light
+    modes such as BLI, LCI or FICE, move colours along directions that hue and white-balance
+    jitter do not reach."""
+
+    def __init__(self, sigma: float = 0.2, p: float = 0.5):
+        super().__init__(p=p)
+        self.sigma = sigma
+
+    def get_params_dependent_on_data(self, params, data):
+        r = self.py_random
+        m = np.eye(3, dtype=np.float32) + np.array([[r.gauss(0, self.sigma) for _ in range(3)] for _ in range(3)],
+                                                   np.float32)
+        m /= np.where(np.abs(m.sum(1, keepdims=True)) < 0.2, 1.0, m.sum(1, keepdims=True))
+        return {"matrix": m}
+
+    def apply(self, img, matrix=None, **params):
+        return np.clip(img.astype(np.float32) @ matrix.T, 0, 255).astype(np.uint8)
+
+    def get_transform_init_args_names(self):
+        return ("sigma",)
+
+
+def colour_transforms() -> list:
+    """Strong colour variation (recipe `augment.colour = "strong"`): one of a wide hue and
+    saturation shift, a channel mix, or grey, on about half the samples."""
+    return [
+        A.OneOf([A.HueSaturationValue(hue_shift_limit=18, sat_shift_limit=40, val_shift_limit=15, p=1.0),
+                 ChannelMix(sigma=0.2, p=1.0),
+                 A.ToGray(p=0.3)], p=0.6),
+    ]

@@ -446,7 +446,7 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
         ema.copy_to([p for p in m.parameters() if p.requires_grad])
         return m.eval()
 
-    sampler = BatchSampler(train, recipe.batch_size, recipe.seed, build_augmenter(recipe.augment.preset),
+    sampler = BatchSampler(train, recipe.batch_size, recipe.seed, build_augmenter(recipe.augment.preset, colour=recipe.augment.colour),
                            draw_weights(recipe, sources.weights), image_weights=small_polyp_weights(train, recipe.sampling),
                            negatives=free["train"], negative_rate=recipe.negatives.rate,
                            negatives_from=recipe.negatives.start, negatives_ramp=recipe.negatives.ramp)
