@@ -190,6 +190,65 @@ def paired_loco(results: dict, baseline: dict, ds, samples: int = 2000, seed: in
             "baseline_mean_dice": float(np.mean([c["baseline_dice"] for c in per_centre.values()]))}
 
 
+def mean_of_runs(runs: list[dict]) -> dict:
+    """Several cross-centre runs of one recipe (seeds) as one: each image's Dice averaged over the
+    runs that scored it (images every run scored), each centre's Dice over the runs."""
+    out = {}
+    for name in runs[0]:
+        per_run = [{row["stem"]: row["dice"] for row in r[name]["images"]} for r in runs]
+        stems = [s for s in per_run[0] if all(s in p for p in per_run[1:])]
+        out[name] = {"dice": float(np.mean([r[name]["dice"] for r in runs])),
+                     "images": [{"stem": s, "dice": float(np.mean([p[s] for p in per_run]))} for s in stems]}
+    return out
+
+
+def compare_loco(runs: list[Path], against: list[Path], recipe: Recipe, cache_dir: Path | None = None) -> dict:
+    """A recipe's cross-centre folders (one per seed) against another's: each folder's Dice per
+    held-out centre and mean, the spread between one recipe's seeds, and the difference of the
+    seed-averaged Dice, paired image by image (`paired_loco`). With one seed each this is what
+    `cross-centre --against` reports; with two or more, training noise enters the comparison
+    instead of being paired away."""
+    for folder in [*runs, *against]:
+        if not Path(folder).is_dir():
+            raise RecipeError(f"{folder}: no such cross-centre folder")
+    held = [s.name for s in recipe.data if all((Path(f) / f"holdout-{s.name}" / "result.json").is_file()
+                                                for f in [*runs, *against])]
+    if not held:
+        raise RecipeError("no held-out centre is finished in every folder compared")
+    sources = load_sources(recipe.data, recipe.image_size, recipe.split.phash_threshold, progress=False,
+                           **({"cache_dir": cache_dir} if cache_dir else {}))
+    a = [_fold_results(Path(f), held) for f in runs]
+    b = [_fold_results(Path(f), held) for f in against]
+
+    def seeds(results: list[dict]) -> dict:
+        means = [float(np.mean([r[n]["dice"] for n in held])) for r in results]
+        return {"dice": {n: [r[n]["dice"] for r in results] for n in held}, "mean_dice": means,
+                "spread": {**{n: float(np.ptp([r[n]["dice"] for r in results])) for n in held},
+                           "mean": float(np.ptp(means))}}
+
+    return {"held_out": held, "runs": [str(f) for f in runs], "against": [str(f) for f in against],
+            "recipe": seeds(a), "baseline": seeds(b), "paired": paired_loco(mean_of_runs(a), mean_of_runs(b), sources.ds)}
+
+
+def compare_table(report: dict) -> str:
+    """Markdown of `compare_loco`: each seed's Dice, the spread of seeds, the paired difference."""
+    a, b, p = report["recipe"], report["baseline"], report["paired"]
+
+    def cells(x: dict, key) -> str:
+        values = x["dice"][key] if key != "mean" else x["mean_dice"]
+        return " / ".join(f"{v:.3f}" for v in values) + (f" (spread {x['spread'][key]:.3f})" if len(values) > 1 else "")
+
+    lines = [f"runs: {', '.join(report['runs'])}", f"against: {', '.join(report['against'])}", "",
+             "| held out | Dice, each run | Dice, each run compared against | difference of the runs' mean, paired (95 % CI) |",
+             "|---|---|---|---|"]
+    for n in report["held_out"]:
+        d = p["by_centre"][n]
+        lines.append(f"| {n} | {cells(a, n)} | {cells(b, n)} | {d['dice']:+.3f} ({d['dice_ci'][0]:+.3f} to {d['dice_ci'][1]:+.3f}) |")
+    lines.append(f"| **mean** | {cells(a, 'mean')} | {cells(b, 'mean')} | **{p['mean_dice']:+.3f} "
+                 f"({p['mean_dice_ci'][0]:+.3f} to {p['mean_dice_ci'][1]:+.3f})** |")
+    return "\n".join(lines) + "\n"
+
+
 def loco_table(title: str, names: list[str], summary: dict) -> str:
     """Markdown: a row per held-out centre, the mean and the worst; polyp-free alarms; the paired
     difference to another folder's folds when there is one."""
