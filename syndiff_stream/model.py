@@ -187,6 +187,13 @@ class SegmenterConfig(BaseModel):
     presence_head: bool = False
     presence_channels: int = 32
     presence_loss_weight: float = 1.0
+    # Auxiliary loss on z_c, for training only: a 1 x 1 convolution reads a coarse mask (one logit a
+    # latent cell) from z_c, scored with soft Dice + BCE against the mask averaged to that grid, at
+    # this weight. The encoder then learns to segment from the first step; without it the encoder's
+    # output can go flat, the U-Net settles on one latent for every image and neither recovers (the
+    # collapse of docs/runs/loco, items 9-10). Dice, not L1: an L1 target of a sparse mask is best
+    # met by predicting "empty" everywhere. 0: no head, as every model before 2026-12-04.
+    cond_loss_weight: float = 0.0
     # Test-time augmentation: average the probability of the frame and of its mirror image. One
     # batch of twice the frames through the U-Net, so about twice the model time; every backend
     # (eager, compiled, ONNX, TensorRT) runs it, since it is part of predict_proba.
@@ -341,6 +348,9 @@ class Segmenter(nn.Module):
         )
         # built after the others, so that adding it leaves their seeded initial weights unchanged
         self.presence = PresenceHead(cfg) if cfg.presence_head else None
+        # and without a draw from the global generator: stage 1 and stage 2 then run as without it
+        with torch.random.fork_rng(devices=[]):
+            self.cond_head = nn.Conv2d(cfg.cond_channels, 1, 1) if cfg.cond_loss_weight > 0 else None
         self.scheduler = cfg.scheduler()
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(), persistent=False)
         gen = torch.Generator().manual_seed(cfg.noise_seed)
@@ -430,8 +440,23 @@ class Segmenter(nn.Module):
         z_t = self.scheduler.add_noise(z0, noise, t)
         z_c, out = self.denoise(image, z_t, t)
         noise_hat, z0_hat = self.estimates(out, z_t, t)
-        if self.presence is not None:
-            return self._conditional_losses(z_c, noise_hat, noise, z0_hat, z0, mask, t)
+        losses = (self._conditional_losses(z_c, noise_hat, noise, z0_hat, z0, mask, t) if self.presence is not None
+                  else self._plain_losses(noise_hat, noise, z0_hat, z0, mask))
+        if self.cond_head is not None:
+            losses["cond"] = self._cond_loss(z_c, mask)
+            losses["loss"] = losses["loss"] + cfg.cond_loss_weight * losses["cond"]
+        return losses
+
+    def _cond_loss(self, z_c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Soft Dice + BCE of the coarse mask read from z_c, against the mask's share of each cell."""
+        logits = self.cond_head(z_c)
+        target = F.adaptive_avg_pool2d(mask, logits.shape[-2:])
+        miss = 1 - soft_dice(torch.sigmoid(logits), target)
+        overlap = miss.mean() if self.config.overlap_on_empty else over_polyps(miss, target)
+        return overlap + F.binary_cross_entropy_with_logits(logits, target)
+
+    def _plain_losses(self, noise_hat, noise, z0_hat, z0, mask) -> dict:
+        cfg = self.config
         loss_noise = F.l1_loss(noise_hat, noise)
         loss_latent = F.l1_loss(z0_hat, z0)
         losses = {"noise": loss_noise, "latent": loss_latent}

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from syndiff_stream.model import CheckpointError, Segmenter, preset_config
 
@@ -276,3 +277,33 @@ def test_a_latent_shift_centres_the_latents_and_decodes_back(model, tmp_path):
     shifted.save_pretrained(tmp_path / "ckpt")
     assert Segmenter.from_pretrained(tmp_path / "ckpt").config.latent_shift == shifted.config.latent_shift
     assert model.config.latent_shift is None  # models saved before the field load uncentred
+
+
+def test_the_cond_loss_teaches_the_encoder_and_leaves_everything_else_as_it_was():
+    """loss.cond_weight: soft Dice + BCE of a coarse mask read from z_c by its head, at its weight; the head is
+    built without a draw from the global generator, so every other weight and every later draw
+    match the model without it, and inference never runs it."""
+    torch.manual_seed(0)
+    plain = Segmenter(preset_config("tiny", image_size=64))
+    after_plain = torch.rand(3)
+    torch.manual_seed(0)
+    model = Segmenter(preset_config("tiny", image_size=64, cond_loss_weight=0.5))
+    assert torch.equal(torch.rand(3), after_plain) and plain.cond_head is None
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in plain.state_dict().items())
+
+    image, t, noise = torch.randn(2, 3, 64, 64), torch.tensor([999, 999]), torch.randn(2, 4, 8, 8)
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[:, :, 10:30, 10:30] = 1
+    losses = model.training_losses(image, masks, t=t, noise=noise)
+    base = plain.training_losses(image, masks, t=t, noise=noise)
+    logits = model.cond_head(model.vision_encoder(image))
+    target = F.avg_pool2d(masks, 8)  # 64 px -> the 8 x 8 latent grid
+    assert logits.shape == target.shape == (2, 1, 8, 8)
+    prob = torch.sigmoid(logits)
+    dice = (2 * (prob * target).sum((1, 2, 3)) + 1) / (prob.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
+    expected = (1 - dice).mean() + F.binary_cross_entropy_with_logits(logits, target)
+    assert torch.allclose(losses["cond"], expected) and torch.allclose(losses["loss"], base["loss"] + 0.5 * expected)
+    losses["cond"].backward()
+    assert model.vision_encoder.proj.weight.grad.any()
+    assert all(p.grad is None for p in model.unet.parameters())
+    assert torch.equal(model.eval().predict_proba(image), plain.eval().predict_proba(image))

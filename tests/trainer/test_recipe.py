@@ -51,6 +51,8 @@ def test_round_trip_through_toml(tmp_path):
     (["model.overrides.unet_channels=3"], "unknown key 'unet_channels'"),
     (["split.policy=holdout-source", "split.holdout=elsewhere"], "split.holdout 'elsewhere' names no data source"),
     (["augment.preset=fancy"], "augment.preset: Input should be"),
+    (["loss.cond_weight=1", "model.init_from=ckpt"], "loss.cond_weight adds a head that model.init_from"),
+    (["model.overrides.cond_loss_weight=1"], "model.overrides sets ['cond_loss_weight']"),
     (["lr"], "expected KEY=VALUE"),
 ])
 def test_bad_keys_and_values_are_one_line_errors_naming_them(sets, message):

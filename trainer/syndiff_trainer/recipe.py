@@ -95,6 +95,10 @@ class LossSpec(_Strict):
     # polyp-free samples in the Dice / Tversky term: true is the earlier loss (checkpoints trained
     # with it rebuild bit for bit); with [negatives], false (docs/model.md, item 5)
     overlap_on_empty: bool = True
+    # soft Dice + BCE of a coarse mask read from z_c by a 1 x 1 convolution (training only): the
+    # encoder learns to segment from the first step, against the collapse to one latent for every
+    # image (docs/model.md, item 7)
+    cond_weight: float = Field(0.0, ge=0)
 
 
 class TimestepSpec(_Strict):
@@ -199,6 +203,9 @@ class Recipe(_Strict):
         if self.version != RECIPE_VERSION:
             raise ValueError(f"recipe version {self.version}; this trainer reads version {RECIPE_VERSION}")
         check_sources(self.data, self.split)
+        if self.loss.cond_weight > 0 and self.model.init_from:
+            raise ValueError("loss.cond_weight adds a head that model.init_from's checkpoint lacks: "
+                             "train it from scratch")
         if self.split.policy == "file" and not self.split.file:
             raise ValueError("split.policy 'file' needs split.file")
         clash = set(self.model.overrides) & set(RECIPE_OWNED)
@@ -213,7 +220,8 @@ class Recipe(_Strict):
         owned = dict(image_size=self.image_size, latent_loss_weight=self.loss.latent_weight,
                      mask_loss_weight=self.loss.mask_weight, mask_loss_type=self.loss.mask_type,
                      tversky_beta=self.loss.tversky_beta, focal_gamma=self.loss.focal_gamma,
-                     overlap_on_empty=self.loss.overlap_on_empty, timestep_sampling=self.timesteps.sampling,
+                     overlap_on_empty=self.loss.overlap_on_empty, cond_loss_weight=self.loss.cond_weight,
+                     timestep_sampling=self.timesteps.sampling,
                      focus_prob=self.timesteps.focus_prob, inference_timestep=self.timesteps.inference)
         try:
             return preset_config(self.model.preset, **{**self.model.overrides, **owned})
@@ -229,7 +237,8 @@ class Recipe(_Strict):
 RECIPE_OWNED = {"image_size": "image_size", "latent_loss_weight": "loss.latent_weight",
                 "mask_loss_weight": "loss.mask_weight", "mask_loss_type": "loss.mask_type",
                 "tversky_beta": "loss.tversky_beta", "focal_gamma": "loss.focal_gamma",
-                "overlap_on_empty": "loss.overlap_on_empty", "timestep_sampling": "timesteps.sampling",
+                "overlap_on_empty": "loss.overlap_on_empty", "cond_loss_weight": "loss.cond_weight",
+                "timestep_sampling": "timesteps.sampling",
                 "focus_prob": "timesteps.focus_prob", "inference_timestep": "timesteps.inference"}
 
 
