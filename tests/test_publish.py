@@ -1,6 +1,7 @@
 import threading
 import time
 
+import cv2
 import numpy as np
 import pytest
 import zmq
@@ -30,6 +31,16 @@ def result(index=0, h=30, w=40):
 @given(arrays(bool, st.tuples(st.integers(1, 20), st.integers(1, 20))), st.sampled_from(ENCODINGS))
 def test_every_encoding_round_trips(mask, encoding):
     assert np.array_equal(decode_mask(encode_mask(mask, encoding), encoding, mask.shape), mask)
+
+
+def test_png_masks_stay_8_bit_grey_0_and_255_for_any_decoder():
+    """docs/protocol.md promises an 8-bit grey PNG with 0 and 255, whatever options make it fast."""
+    mask = np.zeros((576, 720), bool)
+    mask[100:300, 200:420] = True
+    for given in (mask, mask.astype(np.uint8), mask[:, ::-1]):  # bool, 0/1 and a non-contiguous view
+        grey = cv2.imdecode(np.frombuffer(encode_mask(given, "png"), np.uint8), cv2.IMREAD_UNCHANGED)
+        assert grey.dtype == np.uint8 and grey.shape == mask.shape and set(np.unique(grey)) == {0, 255}
+        assert np.array_equal(grey == 255, given.astype(bool))
 
 
 def test_decoding_checks_the_header_shape():
