@@ -65,6 +65,13 @@ def focal(prob: torch.Tensor, mask: torch.Tensor, bce: torch.Tensor, gamma: floa
     return (1 - p_true) ** gamma * bce
 
 
+def dice_bce_loss(logits: torch.Tensor, mask: torch.Tensor, overlap_on_empty: bool = True) -> torch.Tensor:
+    """(1 - soft Dice) + BCE: the mask term on D(z0~), and the encoder's coarse-mask term."""
+    miss = 1 - soft_dice(torch.sigmoid(logits), mask)
+    overlap = miss.mean() if overlap_on_empty else over_polyps(miss, mask)
+    return overlap + F.binary_cross_entropy_with_logits(logits, mask)
+
+
 def tversky_focal_loss(logits: torch.Tensor, mask: torch.Tensor, beta: float, gamma: float,
                        overlap_on_empty: bool = True) -> torch.Tensor:
     """(1 - soft Tversky) + focal BCE, per-sample means averaged. beta weighs missed polyp pixels."""
@@ -450,10 +457,7 @@ class Segmenter(nn.Module):
     def _cond_loss(self, z_c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Soft Dice + BCE of the coarse mask read from z_c, against the mask's share of each cell."""
         logits = self.cond_head(z_c)
-        target = F.adaptive_avg_pool2d(mask, logits.shape[-2:])
-        miss = 1 - soft_dice(torch.sigmoid(logits), target)
-        overlap = miss.mean() if self.config.overlap_on_empty else over_polyps(miss, target)
-        return overlap + F.binary_cross_entropy_with_logits(logits, target)
+        return dice_bce_loss(logits, F.adaptive_avg_pool2d(mask, logits.shape[-2:]), self.config.overlap_on_empty)
 
     def _plain_losses(self, noise_hat, noise, z0_hat, z0, mask) -> dict:
         cfg = self.config
@@ -467,9 +471,7 @@ class Segmenter(nn.Module):
             # every pixel, also on a missed polyp far below the threshold.
             logits = MASK_LOGIT_SCALE * self.decode_raw(z0_hat)
             if cfg.mask_loss_type == "dice_bce":
-                miss = 1 - soft_dice(torch.sigmoid(logits), mask)
-                overlap = miss.mean() if cfg.overlap_on_empty else over_polyps(miss, mask)
-                losses["mask"] = overlap + F.binary_cross_entropy_with_logits(logits, mask)
+                losses["mask"] = dice_bce_loss(logits, mask, cfg.overlap_on_empty)
             else:
                 losses["mask"] = tversky_focal_loss(logits, mask, cfg.tversky_beta, cfg.focal_gamma,
                                                     cfg.overlap_on_empty)
