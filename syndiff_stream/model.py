@@ -628,7 +628,7 @@ def read_checkpoint_config(directory: str | Path) -> SegmenterConfig:
         raise CheckpointError(f"checkpoint {path}: {exc}") from None
 
 
-DEFAULT_CHECKPOINT = "compact16-stem4-kvasir-clinicdb-neopolyp"
+DEFAULT_CHECKPOINT = "compact16-stem4-cond-kvasir-clinicdb-neopolyp"
 
 
 def default_checkpoint_path() -> Path:
