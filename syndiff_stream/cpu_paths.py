@@ -54,6 +54,7 @@ class CpuPath(BaseModel):
     graph: Literal["fused", "plain"] = "fused"
     int8: Int8Options | None = None
     channels_last: bool = False
+    freezing: bool = False  # compile: weights as constants, prepacked once (inductor's freezing)
     needs: tuple[str, ...] = ()  # CPU flags, any one of which the path needs
     probe: bool = True  # cheap enough to time at start-up (compile and int8 take minutes to build)
 
@@ -97,6 +98,10 @@ PATHS = _paths(
             what="torch.compile (inductor, C++ kernels built by the host compiler), fp32"),
     CpuPath(name="compile-cl", kind="compile", channels_last=True, probe=False,
             what="compile in channels-last memory (inductor's oneDNN convolutions prefer NHWC)"),
+    CpuPath(name="compile-frozen", kind="compile", freezing=True, probe=False,
+            what="compile with inductor's freezing: weights folded and prepacked for oneDNN once, fp32"),
+    CpuPath(name="compile-frozen-cl", kind="compile", freezing=True, channels_last=True, probe=False,
+            what="compile-frozen in channels-last memory"),
     CpuPath(name="compile-bf16", kind="compile", precision="bf16", exact=False, needs=BF16_FLAGS, probe=False,
             channels_last=True, what="compile under bf16 autocast, channels-last: for CPUs with AVX512_BF16 or AMX"),
 )
@@ -159,7 +164,7 @@ def build_path(name: str, seg: Segmenter, device: str = "cpu", threads: int | No
         backend = EagerBackend(seg, device, bf16=path.precision == "bf16", channels_last=path.channels_last, **kwargs)
     else:
         backend = CompileBackend(seg, device, bf16=path.precision == "bf16", channels_last=path.channels_last,
-                                 **kwargs)
+                                 freezing=path.freezing, **kwargs)
     backend.cpu_path = name
     return backend
 

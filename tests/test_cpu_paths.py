@@ -78,6 +78,19 @@ def test_compile_needs_a_cxx_compiler(monkeypatch):
     assert "needs a C++ compiler" in unavailable(PATHS["compile"], AVX2)
 
 
+def test_frozen_compile_paths_ask_inductor_to_freeze_the_weights(rt_tiny_segmenter, monkeypatch):
+    """Freezing is an inductor setting passed with the compile call; the unfrozen paths leave it off."""
+    import syndiff_stream.backends as backends
+
+    calls = []
+    monkeypatch.setattr(backends.torch, "compile", lambda module, **kw: calls.append(kw) or module)
+    frozen = make_backend("compile-frozen-cl", rt_tiny_segmenter)
+    make_backend("compile", rt_tiny_segmenter)
+    assert calls[0]["options"] == {"freezing": True} and calls[1]["options"] is None
+    assert frozen.cpu_path == "compile-frozen-cl" and frozen.channels_last
+    assert torch.allclose(frozen.infer(x_batch()), rt_tiny_segmenter.predict_proba(x_batch()), atol=1e-5)
+
+
 def test_int8_paths_need_calibration_frames(rt_tiny_segmenter):
     with pytest.raises(BackendError, match=r"onnx-int8-qop: needs calibration frames: --calibration"):
         make_backend("onnx-int8-qop", rt_tiny_segmenter)
@@ -86,7 +99,7 @@ def test_int8_paths_need_calibration_frames(rt_tiny_segmenter):
 
 
 def test_every_path_has_a_distinct_configuration():
-    seen = {(p.kind, p.precision, p.ort, p.graph, p.int8, p.channels_last) for p in PATHS.values()}
+    seen = {(p.kind, p.precision, p.ort, p.graph, p.int8, p.channels_last, p.freezing) for p in PATHS.values()}
     assert len(seen) == len(PATHS)
     assert all(p.exact == (p.precision == "fp32" and not p.ort.denormal_as_zero) for p in PATHS.values())
 
