@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict
 from .model import Segmenter
 
 BACKENDS = ("eager", "compile", "onnx", "tensorrt")
-ONNX_EXPORT_VERSION = 1  # bump when the exported graph changes, to invalidate cached files
+ONNX_EXPORT_VERSION = 2  # bump when the exported graph changes, to invalidate cached files
 ONNX_MAX_BATCH = 32  # diffusers' upsampler branches on batch >= 64; stay below it
 
 
@@ -206,6 +206,40 @@ def fold_stem(seg: Segmenter) -> Segmenter:
     return seg
 
 
+class FixedTimeEmbedding(torch.nn.Module):
+    """A resnet block's timestep projection at the one inference timestep: a constant (1, C)."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.register_buffer("value", value.detach().clone())
+
+    def forward(self, temb: torch.Tensor) -> torch.Tensor:
+        return self.value
+
+
+def fold_time_embedding(seg: Segmenter) -> Segmenter:
+    """A copy whose U-Net resnet blocks add their timestep embedding as a constant.
+
+    Inference is one pass at `config.inference_timestep`, but diffusers computes the embedding per
+    frame (the timestep broadcast to the batch), so the exported graph adds a (batch, C, 1, 1)
+    tensor after each block's first convolution: ORT's NCHWc layout cannot keep that Add blocked
+    and pays an extra pass over the feature map with a reorder around it. As a constant (1, C) it is
+    folded into the convolution's bias (ORT's Conv + Add fusion) and the time MLP drops out of the
+    graph. Exact for the inference timestep only, the one `SingleStep` uses."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    seg = copy.deepcopy(seg)
+    unet = seg.unet
+    with torch.no_grad():
+        t = torch.tensor([seg.config.inference_timestep], dtype=torch.long)
+        emb = unet.time_embedding(unet.time_proj(t).to(unet.dtype))
+        for block in unet.modules():
+            if isinstance(block, ResnetBlock2D) and block.time_emb_proj is not None:
+                temb = emb if block.skip_time_act else block.nonlinearity(emb)
+                block.time_emb_proj = FixedTimeEmbedding(block.time_emb_proj(temb))
+    return seg
+
+
 def drop_unit_reductions(path: Path) -> None:
     """Replace ReduceMean over axes of static size 1 by Identity (ORT then removes it): the mask
     decoder averages its single channel, an ORT kernel pass over every output pixel for nothing."""
@@ -244,7 +278,7 @@ def export_module(seg: Segmenter, graph: str = "fused") -> torch.nn.Module:
     if graph not in GRAPHS:
         raise BackendError(f"graph {graph!r}: choose one of {', '.join(GRAPHS)}")
     seg = seg.cpu().eval()
-    return SingleStep(fold_stem(seg) if graph == "fused" else seg)
+    return SingleStep(fold_time_embedding(fold_stem(seg)) if graph == "fused" else seg)
 
 
 def export_onnx(seg: Segmenter, path: str | Path, dynamo: bool | None = None, graph: str = "fused") -> Path:
@@ -284,12 +318,13 @@ def export_onnx(seg: Segmenter, path: str | Path, dynamo: bool | None = None, gr
 
 
 def ort_session(path: str | Path, options=None, providers=("CPUExecutionProvider",),
-                problem: str = "not a loadable ONNX model"):
+                problem: str = "not a loadable ONNX model", disabled_optimizers: tuple[str, ...] = ()):
     """An ONNX Runtime session, or one clear error naming the file (ONNX is protobuf, never unpickled)."""
     import onnxruntime as ort
 
+    extra = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
     try:
-        return ort.InferenceSession(str(path), options, providers=list(providers))
+        return ort.InferenceSession(str(path), options, providers=list(providers), **extra)
     except Exception as exc:  # ORT raises its own pybind types
         raise BackendError(f"{path}: {problem} ({str(exc).splitlines()[0][:200]})") from None
 
@@ -306,6 +341,9 @@ class OrtOptions(BaseModel):
     denormal_as_zero: bool = False  # flush denormals (changes numerics: parity is measured)
     memory_pattern: bool = True  # plan the buffers once per input shape
     cpu_arena: bool = True  # ORT's own allocator arena
+    # ORT graph transformers to skip by name, e.g. "QuickGeluFusion": SiLU then stays Sigmoid + Mul,
+    # which the NCHWc layout keeps blocked, where the fused QuickGelu needs a reorder on each side
+    disabled_optimizers: tuple[str, ...] = ()
 
     def session_options(self, threads: int):
         import onnxruntime as ort
@@ -369,7 +407,7 @@ class OnnxBackend(Backend):
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort_session(self.path, opts, providers)
+        self.session = ort_session(self.path, opts, providers, disabled_optimizers=self.options.disabled_optimizers)
         self.input_name = self.session.get_inputs()[0].name
         self.workers = workers
         return workers

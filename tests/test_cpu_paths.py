@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from conftest import rt_make_tiny_segmenter
 from syndiff_stream import cpu_paths
-from syndiff_stream.backends import (BackendError, OnnxBackend, OpenVinoBackend, export_onnx, fold_stem, make_backend, model_hash,
+from syndiff_stream.backends import (BackendError, OnnxBackend, OpenVinoBackend, OrtOptions, export_onnx, fold_stem,
+                                     fold_time_embedding, make_backend, model_hash,
                                      onnx_cache_path)
 from syndiff_stream.cli import app
 from syndiff_stream.cpu_paths import (PATHS, BF16_FLAGS, build_path, cache_key, candidates, choice_file, choose, pick,
@@ -163,6 +164,45 @@ def test_folded_stem_computes_the_same_probabilities(rt_tiny_segmenter):
     assert isinstance(folded.vision_encoder.stem, torch.nn.Identity)
     assert folded.vision_encoder.encoder.conv_in.stride == (4, 4)
     assert torch.allclose(folded.predict_proba(x_batch()), rt_tiny_segmenter.predict_proba(x_batch()), atol=1e-5)
+
+
+def test_folded_time_embedding_is_exact_at_the_inference_timestep(rt_tiny_segmenter):
+    folded = fold_time_embedding(rt_tiny_segmenter)
+    assert torch.allclose(folded.predict_proba(x_batch()), rt_tiny_segmenter.predict_proba(x_batch()), atol=1e-5)
+    other = rt_tiny_segmenter.config.inference_timestep // 2  # the fold holds for that one timestep only
+    assert not torch.allclose(folded.predict_proba(x_batch(), other), rt_tiny_segmenter.predict_proba(x_batch(), other),
+                              atol=1e-5)
+    assert rt_tiny_segmenter.unet.down_blocks[0].resnets[0].time_emb_proj.__class__ is torch.nn.Linear  # untouched
+
+
+def ort_optimised_ops(path, folder) -> list[str]:
+    """The operators of the graph ORT runs after its basic (layout-free) optimisations."""
+    import onnxruntime
+
+    opts = onnxruntime.SessionOptions()
+    opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(folder / f"{path.stem}-optimised.onnx")
+    onnxruntime.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+
+def test_fused_export_has_no_time_mlp(rt_tiny_segmenter, tmp_path):
+    paths = {g: export_onnx(rt_tiny_segmenter, tmp_path / f"{g}.onnx", graph=g) for g in ("fused", "plain")}
+    ops = {g: [n.op_type for n in onnx.load(str(p)).graph.node] for g, p in paths.items()}
+    assert {"Sin", "Cos"} <= set(ops["plain"]) and not {"Sin", "Cos"} & set(ops["fused"])  # the timestep's sinusoids
+    run = {g: ort_optimised_ops(p, tmp_path) for g, p in paths.items()}  # the constant joins the convolutions' bias
+    blocks = sum(r.time_emb_proj is not None for r in rt_tiny_segmenter.unet.modules() if hasattr(r, "time_emb_proj"))
+    assert run["fused"].count("Add") <= run["plain"].count("Add") - blocks
+
+
+def test_disabled_optimizers_reach_the_session(rt_tiny_segmenter, tmp_path):
+    path = export_onnx(rt_tiny_segmenter, tmp_path / "f.onnx")
+    fused = OnnxBackend(rt_tiny_segmenter, onnx_path=path, threads=1)
+    unfused = OnnxBackend(rt_tiny_segmenter, onnx_path=path, threads=1,
+                          options=OrtOptions(disabled_optimizers=("QuickGeluFusion",)))
+    assert torch.allclose(fused.infer(x_batch()), unfused.infer(x_batch()), atol=1e-5)
+    with pytest.raises(BackendError, match="f.onnx"):  # a misspelt optimiser is named by ORT, one line
+        OnnxBackend(rt_tiny_segmenter, onnx_path=path, threads=1, options=OrtOptions(disabled_optimizers=("NoSuch",)))
 
 
 def test_fused_export_has_no_stem_transpose_nor_unit_mean(rt_tiny_segmenter, tmp_path):

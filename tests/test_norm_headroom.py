@@ -1,0 +1,37 @@
+"""tools/norm_headroom.py: the shipped graph against norm-free copies, on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
+import norm_headroom  # noqa: E402
+
+pytest.importorskip("onnxruntime")
+
+
+def test_copies_lose_their_norms_and_the_original_keeps_them(rt_tiny_segmenter):
+    rows = norm_headroom.variants(rt_tiny_segmenter)
+    norms = {name: sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) for name, (model, _, _) in rows.items()}
+    assert norms["shipped (GroupNorm + SiLU)"] > 0 and norms["norms folded, SiLU"] == 0
+    relu = rows["norms folded, ReLU"][0]
+    assert not any(isinstance(m, torch.nn.SiLU) for m in relu.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in rt_tiny_segmenter.modules())  # the original untouched
+
+
+def test_report_counts_reorders_and_shares(rt_tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNDIFF_CACHE", str(tmp_path / "cache"))
+    assert norm_headroom.main(["--model", str(rt_tiny_model_dir), "--out", str(tmp_path / "nh"), "--rounds", "1",
+                               "--seconds", "0.05", "--threads", "1", "--batch", "1"]) == 0
+    report = json.loads((tmp_path / "nh" / "norm-headroom.json").read_text())
+    rows = report["variants"]
+    assert len(rows) == 5 and all(r["fps"] > 0 and r["share"] > 0 for r in rows.values())
+    assert rows["shipped (GroupNorm + SiLU)"]["norm_ops"] > 0 and rows["norms folded, SiLU"]["norm_ops"] == 0
+    assert rows["norms folded, ReLU"]["silu_ops"] < rows["norms folded, SiLU"]["silu_ops"]
+    assert "| shipped (GroupNorm + SiLU) |" in (tmp_path / "nh" / "norm-headroom.md").read_text()

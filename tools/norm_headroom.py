@@ -1,0 +1,138 @@
+"""How fast this architecture could run on this CPU if its normalisation folded into the
+convolutions (issue 25). The shipped checkpoint, and its export before the time-embedding fold,
+against copies with every GroupNorm replaced by an identity (what a norm folded into the next
+convolution costs at inference, as BatchNorm or weight standardisation would), with ORT's QuickGelu
+fusion off (SiLU then stays Sigmoid + Mul, which the NCHWc layout keeps blocked) and with SiLU
+replaced by ReLU (which ORT's NCHWc convolutions fuse).
+
+The copies compute something else: their weights are the checkpoint's, their output is not a
+model's. What they measure is speed only, to decide whether retraining with another norm is worth
+it before doing so. Speed is taken as `tools/speed_paths.py` takes it (`benchmark.throughput`: one
+single-threaded ORT call per core, a batch of --batch frames), the variants taking turns for --rounds
+rounds; the share is against the machine's ceiling (`machine.matmul_gflops` before and after, the
+shipped model's FLOPs). The ORT-optimised graph of each is counted by operator (reorders, norms).
+
+    python tools/norm_headroom.py --out norm-headroom          # a quiet machine, about 3 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import datetime
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from syndiff_stream.atomic import write_text
+from syndiff_stream.backends import OnnxBackend, OrtOptions, drop_unit_reductions, export_onnx, fold_stem
+from syndiff_stream.benchmark import throughput
+from syndiff_stream.machine import cpu_facts, matmul_gflops, model_flops
+from syndiff_stream.model import Segmenter, default_checkpoint_path
+
+UNFUSED_SILU = ("QuickGeluFusion",)
+
+
+def replaced(seg: Segmenter, kind: type, make) -> Segmenter:
+    """A copy with every `kind` module replaced by `make()`."""
+    seg = copy.deepcopy(seg)
+    for name, module in list(seg.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, kind):
+                setattr(module, child_name, make())
+    return seg
+
+
+def variants(seg: Segmenter) -> dict[str, tuple[Segmenter, str, tuple[str, ...]]]:
+    """name -> (model, export graph, ORT optimisers disabled). The first row is the export before
+    the time-embedding fold (`backends.fold_time_embedding`): the stem folded, the embedding per frame."""
+    no_norm = replaced(seg, torch.nn.GroupNorm, torch.nn.Identity)
+    return {"shipped, time embedding per frame": (fold_stem(seg), "plain", ()),
+            "shipped (GroupNorm + SiLU)": (seg, "fused", ()),
+            "norms folded, SiLU": (no_norm, "fused", ()),
+            "norms folded, SiLU unfused": (no_norm, "fused", UNFUSED_SILU),
+            "norms folded, ReLU": (replaced(no_norm, torch.nn.SiLU, torch.nn.ReLU), "fused", ())}
+
+
+def optimised_ops(path: Path, disabled: tuple[str, ...]) -> dict[str, int]:
+    """Operator counts of the graph ORT runs (every optimisation, NCHWc layout included)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = str(Path(tmp) / "optimised.onnx")
+        opts.log_severity_level = 3  # the note that an NCHWc graph is machine-specific
+        extra = {"disabled_optimizers": list(disabled)} if disabled else {}
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], **extra)
+        ops = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+    return dict(ops.most_common())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the shipped one)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for norm-headroom.json and .md")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per variant per round")
+    args = parser.parse_args(argv)
+
+    seg = Segmenter.from_pretrained(args.model).eval()
+    threads = args.threads or max(1, os.cpu_count() or 1)
+    torch.manual_seed(0)
+    size = seg.config.image_size
+    x = torch.rand(args.batch, 3, size, size) * 2 - 1
+    backends, ops = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, (model, graph, disabled)) in enumerate(variants(seg).items()):
+            path = export_onnx(model, Path(tmp) / f"v{i}.onnx", graph=graph)
+            if graph == "plain":
+                drop_unit_reductions(path)
+            backends[name] = OnnxBackend(model, onnx_path=path, threads=threads,
+                                         options=OrtOptions(disabled_optimizers=disabled))
+            backends[name].configure(backends[name].max_workers)
+            ops[name] = optimised_ops(path, disabled)
+        gflops = [matmul_gflops(threads)]
+        fps = {name: [] for name in backends}
+        for _ in range(args.rounds):
+            for name, backend in backends.items():
+                fps[name].append(throughput(backend, x, seconds=args.seconds))
+        gflops.append(matmul_gflops(threads))
+    flop = model_flops(seg) / 1e9
+    ceiling = max(gflops) / flop
+    facts = cpu_facts()
+    rows = {name: {"fps": round(float(np.median(v)), 1), "range": [round(min(v), 1), round(max(v), 1)],
+                   "share": round(float(np.median(v)) / ceiling, 2),
+                   "reorders": ops[name].get("ReorderInput", 0) + ops[name].get("ReorderOutput", 0),
+                   "norm_ops": ops[name].get("InstanceNormalization", 0),
+                   "silu_ops": ops[name].get("QuickGelu", 0) + ops[name].get("Sigmoid", 0), "ops": ops[name]}
+            for name, v in fps.items()}
+    report = {"date": datetime.datetime.now().isoformat(timespec="minutes"), "cpu": facts, "threads": threads,
+              "batch": args.batch, "rounds": args.rounds, "matmul_gflops": [round(g, 1) for g in gflops],
+              "model_gflop_per_frame": round(flop, 4), "ceiling_fps": round(ceiling, 1),
+              "load_average": os.getloadavg()[0], "variants": rows}
+    head = (f"{report['date']}, {facts.get('model')}, {threads} threads, batch {args.batch}, ceiling "
+            f"{ceiling:.1f} fps ({max(gflops):.1f} GFLOP/s / {flop:.4f} GFLOP a frame), median of {args.rounds} "
+            f"alternating rounds")
+    lines = [head, "", "| variant | model fps | share of ceiling | reorders | InstanceNorm | SiLU ops |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {r['fps']} ({r['range'][0]:.0f}-{r['range'][1]:.0f}) | {r['share']:.2f} | {r['reorders']} | "
+              f"{r['norm_ops']} | {r['silu_ops']} |" for n, r in rows.items()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text(args.out / "norm-headroom.json", json.dumps(report, indent=1) + "\n")
+    write_text(args.out / "norm-headroom.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
