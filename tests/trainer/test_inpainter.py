@@ -22,7 +22,8 @@ from syndiff_trainer.cli import app
 from syndiff_trainer.data import ArrayDataset, file_sha256
 from syndiff_trainer.frame_prompts import (all_prompts, describe, frame_prompts, prompt_bank, read_classes,
                                            shape_word, size_class)
-from syndiff_trainer.inpainter import (MaskSpec, build_tokenizer, encode_prompts, inpaint_masks, prompt_words)
+from syndiff_trainer.inpainter import (MaskSpec, build_tokenizer, encode_prompts, inpaint_masks, load_inpainter_recipe,
+                                       prompt_words)
 from syndiff_trainer.prompts import PromptBank
 
 RUNNER = CliRunner()
@@ -266,12 +267,14 @@ def test_synth_inpaints_with_the_trained_folder_and_its_own_prompt_bank(trained,
                            str(trained / "model"), "--steps", "2", "--seed", "3", "--no-gate", "--device", "cpu"))
     assert result["accepted"] == 2 and result["complete"]
     bank = PromptBank.load(trained / "model" / "prompts.json")
+    recipe = load_inpainter_recipe(trained / "model" / "recipe.toml")
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     for r in rows:
         assert r["prompt"] in {p.text for p in bank.prompts} and r["negative_prompt"] == ""
         image = cv2.imread(str(out / r["image"]))
         assert image.shape == (32, 32, 3)
         assert r["resolution"] == 32
+        assert r["paint_margin"] == recipe.mask.dilate > 0  # grown as the model was trained
     settings = json.loads((out / "synth.json").read_text())
     assert settings["prompt_bank_sha256"] == file_sha256(trained / "model" / "prompts.json")
 
@@ -339,8 +342,6 @@ def test_bad_input_is_a_one_line_error(recipe_file, tmp_path):
 
 
 def test_the_shipped_recipe_is_valid_and_names_the_three_training_centres():
-    from syndiff_trainer.inpainter import load_inpainter_recipe
-
     recipe = load_inpainter_recipe("inpainter-small")
     assert [(s.name, s.path) for s in recipe.data] == [
         ("kvasir", "../shared/data/kvasir-seg-train"), ("clinicdb", "../shared/data/cvc-clinicdb-train"),

@@ -17,8 +17,8 @@ from syndiff_trainer.cli import app
 from syndiff_trainer.gate import QualityGate
 from syndiff_trainer.inpaint import WeightsError, check_pipeline_folder
 from syndiff_trainer.prompts import PromptBank
-from syndiff_trainer.synthetic import (SynthConfig, load_frame, load_synthetic, run_synth, synthetic_count,
-                                       synthetic_view)
+from syndiff_trainer.synthetic import (DiffusionGenerator, Sample, SynthConfig, load_frame, load_synthetic, run_synth,
+                                       synthetic_count, synthetic_view, trained_paint_margin)
 
 RUNNER = CliRunner()
 
@@ -235,3 +235,20 @@ def test_missing_or_incomplete_weights_fail_with_the_expected_layout(tiny_sdxl, 
     with pytest.raises(WeightsError, match="unet/ has no .*safetensors"):
         check_pipeline_folder(broken)
     assert check_pipeline_folder(tiny_sdxl) == "StableDiffusionXLInpaintPipeline"
+
+
+def test_painted_region_is_the_mask_grown_as_the_inpainter_was_trained_and_off_existing_polyps(tmp_path):
+    new, existing = np.zeros((100, 100), bool), np.zeros((100, 100), bool)
+    new[40:50, 40:50], existing[40:50, 52:60] = True, True
+    sample = Sample(0, "s", np.zeros((100, 100, 3), np.uint8), existing, new, None, None, 0)
+    assert (DiffusionGenerator(None).region(sample) == new).all()  # SDXL and the like: the mask itself
+    region = DiffusionGenerator(None, margin=0.03).region(sample)  # 3 px: a square grown like max-pooling
+    grown = np.zeros_like(new)
+    grown[37:53, 37:53] = True
+    assert (region == (grown & ~existing)).all() and (region & new).sum() == new.sum()
+    (tmp_path / "inp").mkdir()
+    (tmp_path / "inp" / "recipe.toml").write_text('kind = "inpainter"\n[mask]\ndilate = 0.05\n')
+    (tmp_path / "seg").mkdir()
+    (tmp_path / "seg" / "recipe.toml").write_text('[mask]\ndilate = 0.05\n')
+    assert trained_paint_margin(tmp_path / "inp") == 0.05
+    assert trained_paint_margin(tmp_path / "seg") == trained_paint_margin(tmp_path / "none") == trained_paint_margin(None) == 0.0

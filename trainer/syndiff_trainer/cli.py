@@ -424,6 +424,9 @@ def synth(
     guidance_scale: float = typer.Option(7.5, metavar="X", help="classifier-free guidance scale"),
     strength: float = typer.Option(0.99, metavar="X", help="inpainting strength (1.0: ignore the masked pixels)"),
     blend: str = typer.Option("seamless", metavar="TEXT", help="copy-paste blending: seamless (Poisson) or feather"),
+    paint_margin: Optional[float] = typer.Option(None, metavar="X", help="inpaint: paint the polyp's mask grown by "
+                                                 "this fraction of the side (the label stays the mask); default: "
+                                                 "what an `inpainter` model was trained with, else 0"),
     gate_model: Optional[Path] = typer.Option(None, metavar="PATH", help="Segmenter checkpoint for the quality gate "
                                                          "(default: the shipped checkpoint)"),
     gate_threshold: float = typer.Option(0.7, metavar="X", help="keep samples with IoU(intended, predicted) >= this"),
@@ -445,7 +448,7 @@ def synth(
                       weights=str(weights) if weights else None, prompts=str(prompts) if prompts else None,
                       normal_frames=str(normal_frames) if normal_frames else None, mask_source=mask_source,
                       resolution=resolution, steps=steps, guidance_scale=guidance_scale, strength=strength,
-                      blend=blend, gate=not no_gate, gate_model=str(gate_model) if gate_model else None,
+                      blend=blend, paint_margin=paint_margin, gate=not no_gate, gate_model=str(gate_model) if gate_model else None,
                       gate_threshold=gate_threshold, max_attempts=max_attempts, seed=seed, batch_size=batch_size,
                       device=device, fp16=fp16, cpu_offload=cpu_offload, attention_slicing=attention_slicing,
                       keep_rejected=keep_rejected, progress=progress)

@@ -17,7 +17,8 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -58,7 +59,7 @@ MASK_SOURCES = ("mixed", "real", "parametric")
 # Settings that define what sample i is: a resumed run must use the same ones.
 SAMPLE_DEFINING = ("method", "data", "normal_frames", "prompt_bank_sha256", "mask_source", "resolution", "steps",
                    "guidance_scale", "strength", "seed", "blend", "fp16", "weights", "gate", "gate_model",
-                   "gate_threshold")
+                   "gate_threshold", "paint_margin")
 
 
 @dataclass
@@ -76,6 +77,10 @@ class SynthConfig:
     guidance_scale: float = 7.5
     strength: float = 0.99
     blend: str = "seamless"  # copy-paste blending: seamless (Poisson) or feather
+    # inpaint: the region painted is the polyp's mask grown by this fraction of the side (the label
+    # stays the mask); None: what the weights were trained with (an `inpainter` model's recipe
+    # mask.dilate), else 0
+    paint_margin: float | None = None
     gate: bool = True
     gate_model: str | None = None  # Segmenter checkpoint; None: the shipped default
     gate_threshold: float = 0.7
@@ -194,6 +199,7 @@ class Planner:
                 "guidance_scale": cfg.guidance_scale if cfg.method == "inpaint" else None,
                 "steps": cfg.steps if cfg.method == "inpaint" else None,
                 "strength": cfg.strength if cfg.method == "inpaint" else None,
+                "paint_margin": cfg.paint_margin if cfg.method == "inpaint" else None,
                 "blend": cfg.blend if cfg.method == "copy-paste" else None,
                 "resolution": self.res, "mask": params, "existing_polyp_px": int(existing.sum()),
             }
@@ -212,17 +218,40 @@ class CopyPaster:
 
 
 class DiffusionGenerator:
-    """Text-guided inpainting; pixels outside the mask stay the real frame's (feathered seam)."""
+    """Text-guided inpainting; pixels outside the painted region stay the real frame's (feathered seam).
 
-    def __init__(self, inpainter):
-        self.inpainter = inpainter
+    The painted region is the polyp's mask grown by `margin` (a fraction of the side) and kept off
+    the frame's own polyps: a model trained on masks grown around each polyp (`syndiff-train
+    inpainter`, mask.dilate) learnt that a mask holds a polyp and a rim of mucosa; asked to paint an
+    ungrown mask it paints a polyp smaller than the label, or none."""
+
+    def __init__(self, inpainter, margin: float = 0.0):
+        self.inpainter, self.margin = inpainter, margin
+
+    def region(self, sample: Sample) -> np.ndarray:
+        r = round(self.margin * sample.new_mask.shape[0])
+        if r <= 0:
+            return sample.new_mask
+        grown = cv2.dilate(sample.new_mask.astype(np.uint8), np.ones((2 * r + 1, 2 * r + 1), np.uint8)).astype(bool)
+        return sample.new_mask | (grown & ~sample.existing)  # square, as the trainer's max-pool grows it
 
     def __call__(self, samples: list[Sample]) -> list[np.ndarray]:
-        out = self.inpainter([s.frame for s in samples], [s.new_mask for s in samples],
+        regions = [self.region(s) for s in samples]
+        out = self.inpainter([s.frame for s in samples], regions,
                              [s.prompt.text for s in samples], [s.negative_prompt for s in samples],
                              [s.seed for s in samples])
         feather = max(1.0, samples[0].frame.shape[0] / 256)
-        return [blend(s.frame, img, feather_alpha(s.new_mask, feather)) for s, img in zip(samples, out)]
+        return [blend(s.frame, img, feather_alpha(r, feather)) for s, r, img in zip(samples, regions, out)]
+
+
+def trained_paint_margin(weights: str | Path | None) -> float:
+    """The mask growth an `inpainter` model was trained with (its recipe's mask.dilate); 0 for other
+    weights (SDXL inpainting is trained on arbitrary masks)."""
+    recipe = Path(weights) / "recipe.toml" if weights else None
+    if recipe is None or not recipe.is_file():
+        return 0.0
+    data = tomllib.loads(recipe.read_text())
+    return float(data.get("mask", {}).get("dilate", 0.0)) if data.get("kind") == "inpainter" else 0.0
 
 
 class Manifest:
@@ -320,7 +349,9 @@ def run_synth(cfg: SynthConfig, generator: Callable[[list[Sample]], list[np.ndar
         multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
         if resolution % multiple:
             raise SystemExit(f"--resolution must be a multiple of {multiple}, got {resolution}")
-        generator = DiffusionGenerator(Inpainter(pipe, cfg.steps, cfg.guidance_scale, cfg.strength))
+        if cfg.paint_margin is None:
+            cfg = replace(cfg, paint_margin=trained_paint_margin(cfg.weights))
+        generator = DiffusionGenerator(Inpainter(pipe, cfg.steps, cfg.guidance_scale, cfg.strength), cfg.paint_margin)
     elif generator is None:
         generator = CopyPaster(cfg.blend)
     resolution = resolution or 512
