@@ -247,8 +247,9 @@ def test_painted_region_is_the_mask_grown_as_the_inpainter_was_trained_and_off_e
     grown[37:53, 37:53] = True
     assert (region == (grown & ~existing)).all() and (region & new).sum() == new.sum()
     (tmp_path / "inp").mkdir()
-    (tmp_path / "inp" / "recipe.toml").write_text('kind = "inpainter"\n[mask]\ndilate = 0.05\n')
+    recipe = Path(__file__).resolve().parents[2] / "docs" / "runs" / "synthetic-loco" / "inpainter-7000.toml"
+    shutil.copy(recipe, tmp_path / "inp" / "recipe.toml")  # an inpainter model folder holds its recipe
     (tmp_path / "seg").mkdir()
-    (tmp_path / "seg" / "recipe.toml").write_text('[mask]\ndilate = 0.05\n')
-    assert trained_paint_margin(tmp_path / "inp") == 0.05
+    (tmp_path / "seg" / "recipe.toml").write_text('name = "segmenter"\n[mask]\ndilate = 0.05\n')
+    assert trained_paint_margin(tmp_path / "inp") == 0.03
     assert trained_paint_margin(tmp_path / "seg") == trained_paint_margin(tmp_path / "none") == trained_paint_margin(None) == 0.0

@@ -448,7 +448,8 @@ def synth(
                       weights=str(weights) if weights else None, prompts=str(prompts) if prompts else None,
                       normal_frames=str(normal_frames) if normal_frames else None, mask_source=mask_source,
                       resolution=resolution, steps=steps, guidance_scale=guidance_scale, strength=strength,
-                      blend=blend, paint_margin=paint_margin, gate=not no_gate, gate_model=str(gate_model) if gate_model else None,
+                      blend=blend, paint_margin=paint_margin, gate=not no_gate,
+                      gate_model=str(gate_model) if gate_model else None,
                       gate_threshold=gate_threshold, max_attempts=max_attempts, seed=seed, batch_size=batch_size,
                       device=device, fp16=fp16, cpu_offload=cpu_offload, attention_slicing=attention_slicing,
                       keep_rejected=keep_rejected, progress=progress)

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -247,11 +246,12 @@ class DiffusionGenerator:
 def trained_paint_margin(weights: str | Path | None) -> float:
     """The mask growth an `inpainter` model was trained with (its recipe's mask.dilate); 0 for other
     weights (SDXL inpainting is trained on arbitrary masks)."""
-    recipe = Path(weights) / "recipe.toml" if weights else None
-    if recipe is None or not recipe.is_file():
+    from .inpainter import is_inpainter_run, load_inpainter_recipe
+    from .recipe import RECIPE_NAME
+
+    if not weights or not is_inpainter_run(weights):
         return 0.0
-    data = tomllib.loads(recipe.read_text())
-    return float(data.get("mask", {}).get("dilate", 0.0)) if data.get("kind") == "inpainter" else 0.0
+    return load_inpainter_recipe(Path(weights) / RECIPE_NAME).mask.dilate
 
 
 class Manifest:
