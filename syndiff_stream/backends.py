@@ -22,7 +22,9 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import warnings
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Literal
@@ -364,6 +366,21 @@ class OrtOptions(BaseModel):
         opts.enable_mem_pattern = self.memory_pattern
         opts.enable_cpu_mem_arena = self.cpu_arena
         return opts
+
+
+def ort_graph_ops(path: str | Path, options: OrtOptions | None = None) -> Counter:
+    """Operator counts of the graph ONNX Runtime runs for the file under `options` (its level and
+    disabled optimisers; the default: every optimisation, NCHWc layout included): what an export
+    change or a session setting did to the graph, without timing it."""
+    import onnx
+
+    options = options or OrtOptions()
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = options.session_options(1)
+        opts.optimized_model_filepath = str(Path(tmp) / "optimised.onnx")
+        opts.log_severity_level = 3  # the note that an NCHWc graph is machine-specific
+        ort_session(path, opts, disabled_optimizers=options.disabled_optimizers)
+        return Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
 
 
 class OnnxBackend(Backend):

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from conftest import rt_make_tiny_segmenter
 from syndiff_stream import cpu_paths
 from syndiff_stream.backends import (BackendError, OnnxBackend, OpenVinoBackend, OrtOptions, export_onnx, fold_stem,
-                                     fold_time_embedding, make_backend, model_hash,
+                                     fold_time_embedding, make_backend, model_hash, ort_graph_ops,
                                      onnx_cache_path)
 from syndiff_stream.cli import app
 from syndiff_stream.cpu_paths import (PATHS, BF16_FLAGS, build_path, cache_key, candidates, choice_file, choose, pick,
@@ -166,17 +166,6 @@ def test_folded_stem_computes_the_same_probabilities(rt_tiny_segmenter):
     assert torch.allclose(folded.predict_proba(x_batch()), rt_tiny_segmenter.predict_proba(x_batch()), atol=1e-5)
 
 
-def ort_optimised_ops(path, folder, disabled: tuple[str, ...] = ()) -> list[str]:
-    """The operators of the graph ORT runs after its layout-free optimisations (basic and extended)."""
-    import onnxruntime
-
-    opts = onnxruntime.SessionOptions()
-    opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    opts.optimized_model_filepath = str(folder / f"{path.stem}-{len(disabled)}-optimised.onnx")
-    onnxruntime.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled))
-    return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
-
-
 def test_folded_time_embedding_is_exact_at_the_inference_timestep(rt_tiny_segmenter):
     folded = fold_time_embedding(rt_tiny_segmenter)
     assert torch.allclose(folded.predict_proba(x_batch()), rt_tiny_segmenter.predict_proba(x_batch()), atol=1e-5)
@@ -190,7 +179,7 @@ def test_fused_export_has_no_time_mlp(rt_tiny_segmenter, tmp_path):
     paths = {g: export_onnx(rt_tiny_segmenter, tmp_path / f"{g}.onnx", graph=g) for g in ("fused", "plain")}
     ops = {g: [n.op_type for n in onnx.load(str(p)).graph.node] for g, p in paths.items()}
     assert {"Sin", "Cos"} <= set(ops["plain"]) and not {"Sin", "Cos"} & set(ops["fused"])  # the timestep's sinusoids
-    run = {g: ort_optimised_ops(p, tmp_path) for g, p in paths.items()}  # the constant joins the convolutions' bias
+    run = {g: list(ort_graph_ops(p, OrtOptions(level="extended")).elements()) for g, p in paths.items()}  # the constant joins the convolutions' bias
     blocks = sum(r.time_emb_proj is not None for r in rt_tiny_segmenter.unet.modules() if hasattr(r, "time_emb_proj"))
     assert run["fused"].count("Add") <= run["plain"].count("Add") - blocks
 
@@ -201,7 +190,7 @@ def test_disabled_optimizers_reach_the_session(rt_tiny_segmenter, tmp_path):
     unfused = OnnxBackend(rt_tiny_segmenter, onnx_path=path, threads=1,
                           options=OrtOptions(disabled_optimizers=("QuickGeluFusion",)))
     assert torch.allclose(fused.infer(x_batch()), unfused.infer(x_batch()), atol=1e-5)
-    ran = {name: ort_optimised_ops(path, tmp_path, disabled) for name, disabled in
+    ran = {name: ort_graph_ops(path, OrtOptions(level="extended", disabled_optimizers=disabled)) for name, disabled in
            (("fused", ()), ("unfused", ("QuickGeluFusion",)))}
     assert "QuickGelu" in ran["fused"] and "QuickGelu" not in ran["unfused"] and "Sigmoid" in ran["unfused"]
 

@@ -18,7 +18,6 @@ shipped model's FLOPs). The ORT-optimised graph of each is counted by operator (
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
 import datetime
 import json
@@ -31,7 +30,8 @@ import numpy as np
 import torch
 
 from syndiff_stream.atomic import write_text
-from syndiff_stream.backends import OnnxBackend, OrtOptions, drop_unit_reductions, export_onnx, fold_stem
+from syndiff_stream.backends import (OnnxBackend, OrtOptions, drop_unit_reductions, export_onnx, fold_stem,
+                                     ort_graph_ops)
 from syndiff_stream.benchmark import throughput
 from syndiff_stream.machine import cpu_facts, matmul_gflops, model_flops
 from syndiff_stream.model import Segmenter, default_checkpoint_path
@@ -60,22 +60,6 @@ def variants(seg: Segmenter) -> dict[str, tuple[Segmenter, str, tuple[str, ...]]
             "norms folded, ReLU": (replaced(no_norm, torch.nn.SiLU, torch.nn.ReLU), "fused", ())}
 
 
-def optimised_ops(path: Path, disabled: tuple[str, ...]) -> dict[str, int]:
-    """Operator counts of the graph ORT runs (every optimisation, NCHWc layout included)."""
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.optimized_model_filepath = str(Path(tmp) / "optimised.onnx")
-        opts.log_severity_level = 3  # the note that an NCHWc graph is machine-specific
-        extra = {"disabled_optimizers": list(disabled)} if disabled else {}
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], **extra)
-        ops = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
-    return dict(ops.most_common())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the shipped one)")
@@ -100,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             backends[name] = OnnxBackend(model, onnx_path=path, threads=threads,
                                          options=OrtOptions(disabled_optimizers=disabled))
             backends[name].configure(backends[name].max_workers)
-            ops[name] = optimised_ops(path, disabled)
+            ops[name] = dict(ort_graph_ops(path, OrtOptions(disabled_optimizers=disabled)).most_common())
         gflops = [matmul_gflops(threads)]
         fps = {name: [] for name in backends}
         for _ in range(args.rounds):
