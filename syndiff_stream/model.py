@@ -158,6 +158,13 @@ class SegmenterConfig(BaseModel):
     unet_layers_per_block: int = 1
     unet_norm_num_groups: int = 8
     unet_attention_head_dim: int = 32
+    # Normalisation in the mask autoencoder, the encoder and the U-Net. "group": diffusers' GroupNorm,
+    # statistics per frame (every model before 2026-12-04). "batch": BatchNorm, statistics of the
+    # training batches frozen into running averages; at inference it is a per-channel scale and
+    # shift that ORT folds into the convolution before it and keeps in its blocked (NCHWc) layout,
+    # where GroupNorm costs a reorder pair and its own passes over every feature map (issue 25,
+    # docs/runtime.md: the norm is what keeps the model below 0.7 of the CPU's ceiling).
+    norm: Literal["group", "batch"] = "group"
     # Diffusion (SDSeg's schedule: linear betas 0.0015 -> 0.0155, T = 1000).
     num_train_timesteps: int = 1000
     beta_start: float = 0.0015
@@ -282,6 +289,28 @@ def _preset_config(name: str, **overrides) -> SegmenterConfig:
     raise ValueError(f"unknown preset {name!r}: choose 'compact', 'large', 'sd' or 'tiny'")
 
 
+class ChannelBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over dim 1 of a tensor of any rank: diffusers' resnets normalise (B, C, H, W), its
+    attention blocks (B, C, H*W), through the one norm module they are built with."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"ChannelBatchNorm needs (batch, channels, ...), got {input.dim()} dims")
+
+
+def use_batch_norm(module: nn.Module) -> None:
+    """Replace every GroupNorm under `module` by a ChannelBatchNorm of the same channels and eps.
+    Neither draws from the random generator, so the other weights' seeded values are unchanged."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.GroupNorm):
+                setattr(parent, name, ChannelBatchNorm(child.num_channels, eps=child.eps, affine=child.affine))
+
+
+def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 class VisionEncoder(nn.Module):
     """tau: image in [-1, 1] -> z_c at latent resolution (a KL-f8 encoder, optionally stem-folded)."""
 
@@ -353,6 +382,9 @@ class Segmenter(nn.Module):
             layers_per_block=cfg.unet_layers_per_block, norm_num_groups=cfg.unet_norm_num_groups,
             attention_head_dim=cfg.unet_attention_head_dim,
         )
+        if cfg.norm == "batch":
+            for part in (self.mask_vae, self.vision_encoder, self.unet):
+                use_batch_norm(part)
         # built after the others, so that adding it leaves their seeded initial weights unchanged
         self.presence = PresenceHead(cfg) if cfg.presence_head else None
         # and without a draw from the global generator: stage 1 and stage 2 then run as without it

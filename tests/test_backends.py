@@ -130,3 +130,23 @@ def test_onnx_splits_threads_into_parallel_workers(rt_tiny_segmenter, demo_input
     assert ort.configure(2) == 2 and threads() == 1  # recorded pipeline: a 1-thread call per core
     assert torch.allclose(ort.infer(demo_inputs), expected, atol=1e-5)
     assert ort.configure(8) == 2  # never more workers than threads
+
+
+def test_a_batch_norm_model_exports_with_parity_and_without_group_norms(demo_inputs, tmp_path, monkeypatch):
+    """norm = "batch" (issue 25): in the ORT graph no InstanceNormalization is left, and most
+    BatchNorms are folded into the convolution before them."""
+    from syndiff_stream.backends import ort_graph_ops
+    from syndiff_stream.model import batch_norms
+
+    monkeypatch.setenv("SYNDIFF_CACHE", str(tmp_path))
+    seg = rt_make_tiny_segmenter(0, norm="batch")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-looking statistics, so that a dropped or misplaced norm shows
+        for norm in batch_norms(seg):
+            norm.running_mean.copy_(torch.randn(norm.num_features, generator=gen) * 0.1)
+            norm.running_var.copy_(torch.rand(norm.num_features, generator=gen) + 0.5)
+    ort = OnnxBackend(seg, threads=1, dynamo=False)
+    assert torch.allclose(ort.infer(demo_inputs), seg.predict_proba(demo_inputs), atol=1e-3)
+    ops = ort_graph_ops(ort.path)
+    assert ops.get("InstanceNormalization", 0) == 0
+    assert ops.get("BatchNormalization", 0) < len(batch_norms(seg)) / 2

@@ -307,3 +307,26 @@ def test_the_cond_loss_teaches_the_encoder_and_leaves_everything_else_as_it_was(
     assert model.vision_encoder.proj.weight.grad.any()
     assert all(p.grad is None for p in model.unet.parameters())
     assert torch.equal(model.eval().predict_proba(image), plain.eval().predict_proba(image))
+
+
+def test_batch_norm_replaces_every_group_norm_keeps_the_seeded_weights_and_saves_its_statistics(tmp_path):
+    from syndiff_stream.model import batch_norms
+
+    torch.manual_seed(0)
+    group = Segmenter(preset_config("tiny"))
+    torch.manual_seed(0)
+    batch = Segmenter(preset_config("tiny", norm="batch"))
+    n_group = sum(isinstance(m, torch.nn.GroupNorm) for m in group.modules())
+    assert n_group > 0 and not any(isinstance(m, torch.nn.GroupNorm) for m in batch.modules())
+    assert len(batch_norms(batch)) == n_group and not batch_norms(group)
+    params = dict(batch.named_parameters())
+    assert all(torch.equal(p, params[n]) for n, p in group.named_parameters())  # the same seeded start
+    batch.train()
+    x = torch.rand(4, 3, 256, 256) * 2 - 1
+    batch.training_losses(x, (torch.rand(4, 1, 256, 256) > 0.8).float(), generator=torch.Generator().manual_seed(0))
+    batch.eval()  # statistics moved by the training pass, then saved and loaded with the weights
+    assert not torch.equal(batch_norms(batch.unet)[0].running_mean, torch.zeros_like(batch_norms(batch.unet)[0].running_mean))
+    batch.save_pretrained(tmp_path / "bn")
+    loaded = Segmenter.from_pretrained(tmp_path / "bn")
+    assert loaded.config.norm == "batch" and torch.equal(loaded.predict_proba(x[:2]), batch.predict_proba(x[:2]))
+    assert torch.allclose(loaded.predict_proba(x[:1]), loaded.predict_proba(x[:2])[:1], atol=1e-5)  # frames do not mix

@@ -12,6 +12,7 @@ import torch
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 import norm_headroom  # noqa: E402
+from syndiff_stream.model import batch_norms  # noqa: E402
 
 pytest.importorskip("onnxruntime")
 
@@ -23,6 +24,8 @@ def test_copies_lose_their_norms_and_the_original_keeps_them(rt_tiny_segmenter):
     relu = rows["norms folded, ReLU"][0]
     assert not any(isinstance(m, torch.nn.SiLU) for m in relu.modules())
     assert any(isinstance(m, torch.nn.GroupNorm) for m in rt_tiny_segmenter.modules())  # the original untouched
+    bn = rows["BatchNorm (norm = batch)"][0]
+    assert norms["BatchNorm (norm = batch)"] == 0 and len(batch_norms(bn)) == norms["shipped (GroupNorm + SiLU)"]
 
 
 def test_report_counts_reorders_and_shares(rt_tiny_model_dir, tmp_path, monkeypatch):
@@ -31,7 +34,7 @@ def test_report_counts_reorders_and_shares(rt_tiny_model_dir, tmp_path, monkeypa
                                "--seconds", "0.05", "--threads", "1", "--batch", "1"]) == 0
     report = json.loads((tmp_path / "nh" / "norm-headroom.json").read_text())
     rows = report["variants"]
-    assert len(rows) == 5 and all(r["fps"] > 0 and r["share"] > 0 for r in rows.values())
+    assert len(rows) == 6 and all(r["fps"] > 0 and r["share"] > 0 for r in rows.values())
     assert rows["shipped (GroupNorm + SiLU)"]["norm_ops"] > 0 and rows["norms folded, SiLU"]["norm_ops"] == 0
     assert rows["norms folded, ReLU"]["silu_ops"] < rows["norms folded, SiLU"]["silu_ops"]
     assert "| shipped (GroupNorm + SiLU) |" in (tmp_path / "nh" / "norm-headroom.md").read_text()

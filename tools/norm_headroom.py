@@ -1,7 +1,8 @@
 """How fast this architecture could run on this CPU if its normalisation folded into the
 convolutions (issue 25). The shipped checkpoint, and its export before the time-embedding fold,
 against copies with every GroupNorm replaced by an identity (what a norm folded into the next
-convolution costs at inference, as BatchNorm or weight standardisation would), with ORT's QuickGelu
+convolution costs at inference, as BatchNorm or weight standardisation would), the same weights with
+BatchNorm (the graph a `norm = "batch"` checkpoint exports), with ORT's QuickGelu
 fusion off (SiLU then stays Sigmoid + Mul, which the NCHWc layout keeps blocked) and with SiLU
 replaced by ReLU (which ORT's NCHWc convolutions fuse).
 
@@ -34,7 +35,7 @@ from syndiff_stream.backends import (OnnxBackend, OrtOptions, drop_unit_reductio
                                      ort_graph_ops)
 from syndiff_stream.benchmark import throughput
 from syndiff_stream.machine import cpu_facts, matmul_gflops, model_flops
-from syndiff_stream.model import Segmenter, default_checkpoint_path
+from syndiff_stream.model import Segmenter, batch_norms, default_checkpoint_path
 
 UNFUSED_SILU = ("QuickGeluFusion",)
 
@@ -57,7 +58,23 @@ def variants(seg: Segmenter) -> dict[str, tuple[Segmenter, str, tuple[str, ...]]
             "shipped (GroupNorm + SiLU)": (seg, "fused", ()),
             "norms folded, SiLU": (no_norm, "fused", ()),
             "norms folded, SiLU unfused": (no_norm, "fused", UNFUSED_SILU),
-            "norms folded, ReLU": (replaced(no_norm, torch.nn.SiLU, torch.nn.ReLU), "fused", ())}
+            "norms folded, ReLU": (replaced(no_norm, torch.nn.SiLU, torch.nn.ReLU), "fused", ()),
+            "BatchNorm (norm = batch)": (with_batch_norm(seg), "fused", ())}
+
+
+def with_batch_norm(seg: Segmenter) -> Segmenter:
+    """The same weights in the `norm = "batch"` architecture, its running statistics drawn away from
+    their (0, 1) start so that no optimiser may drop a norm as an identity: the graph a checkpoint
+    trained with BatchNorm exports, where some norms fold into the convolution before them and the
+    rest (those on a residual sum) stay a per-channel scale and shift."""
+    bn = Segmenter(seg.config.model_copy(update={"norm": "batch"}))
+    bn.load_state_dict(seg.state_dict(), strict=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for norm in batch_norms(bn):
+            norm.running_mean.copy_(torch.rand(norm.num_features, generator=gen) * 0.2 - 0.1)
+            norm.running_var.copy_(torch.rand(norm.num_features, generator=gen) * 1.5 + 0.5)
+    return bn.eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {name: {"fps": round(float(np.median(v)), 1), "range": [round(min(v), 1), round(max(v), 1)],
                    "share": round(float(np.median(v)) / ceiling, 2),
                    "reorders": ops[name].get("ReorderInput", 0) + ops[name].get("ReorderOutput", 0),
-                   "norm_ops": ops[name].get("InstanceNormalization", 0),
+                   "norm_ops": ops[name].get("InstanceNormalization", 0) + ops[name].get("BatchNormalization", 0),
                    "silu_ops": ops[name].get("QuickGelu", 0) + ops[name].get("Sigmoid", 0), "ops": ops[name]}
             for name, v in fps.items()}
     report = {"date": datetime.datetime.now().isoformat(timespec="minutes"), "cpu": facts, "threads": threads,
@@ -107,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     head = (f"{report['date']}, {facts.get('model')}, {threads} threads, batch {args.batch}, ceiling "
             f"{ceiling:.1f} fps ({max(gflops):.1f} GFLOP/s / {flop:.4f} GFLOP a frame), median of {args.rounds} "
             f"alternating rounds")
-    lines = [head, "", "| variant | model fps | share of ceiling | reorders | InstanceNorm | SiLU ops |",
+    lines = [head, "", "| variant | model fps | share of ceiling | reorders | norm ops | SiLU ops |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {r['fps']} ({r['range'][0]:.0f}-{r['range'][1]:.0f}) | {r['share']:.2f} | {r['reorders']} | "
               f"{r['norm_ops']} | {r['silu_ops']} |" for n, r in rows.items()]

@@ -272,3 +272,26 @@ def test_stage1_centres_its_latents_when_asked_and_a_reused_stage1_keeps_the_shi
     shutil.copytree(tmp_path / "centred" / "mask_ae", tmp_path / "reuse" / "mask_ae")
     fit(recipe, RunOptions(out=str(tmp_path / "reuse"), progress=False, threads=1))
     assert Segmenter.from_pretrained(tmp_path / "reuse" / "model").config.latent_shift == centred.config.latent_shift
+
+
+def test_a_batch_norm_model_is_scored_and_saved_with_statistics_of_its_ema_weights(kvasir_40, tmp_path):
+    from syndiff_trainer.train import recalibrate_batch_norms
+    from syndiff_stream.model import batch_norms
+
+    recipe = tiny_recipe(("kvasir", kvasir_40, "phash"), sets=["model.overrides.norm=batch"])
+    a = fit(recipe, options(tmp_path / "a", tmp_path))
+    b = fit(recipe, options(tmp_path / "b", tmp_path))
+    wa, wb = load_file(f"{a['model']}/model.safetensors"), load_file(f"{b['model']}/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the calibration batches are seeded too
+    model = Segmenter.from_pretrained(a["model"])
+    trained = [m for m in batch_norms(model) if m not in set(batch_norms(model.mask_vae))]
+    assert trained and all(not torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in trained)
+    # the statistics are those of the saved weights: recomputed on one batch they differ,
+    # on a model whose statistics were reset they are restored; the frozen autoencoder's stay put
+    vae_before = [m.running_mean.clone() for m in batch_norms(model.mask_vae)]
+    image, mask = torch.rand(2, 3, 64, 64) * 2 - 1, (torch.rand(2, 1, 64, 64) > 0.8).float()
+    recalibrate_batch_norms(model, [(image, mask, torch.tensor([999, 999]), torch.randn(2, *model.inference_noise.shape[1:]))])
+    names = {m: n for n, m in model.named_modules()}
+    assert all(not torch.equal(m.running_mean, wa[f"{names[m]}.running_mean"]) for m in trained)
+    assert all(torch.equal(m.running_mean, v) for m, v in zip(batch_norms(model.mask_vae), vae_before))
+    assert not model.training and all(not m.training for m in batch_norms(model))

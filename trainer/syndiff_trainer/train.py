@@ -47,7 +47,8 @@ from safetensors.torch import load_file, save_file
 
 from syndiff_stream.atomic import atomic_path, write_text
 from syndiff_stream.metrics import dice
-from syndiff_stream.model import CheckpointError, Segmenter, SegmenterConfig, init_from_sd_vae, soft_dice
+from syndiff_stream.model import (CheckpointError, Segmenter, SegmenterConfig, batch_norms, init_from_sd_vae,
+                                  soft_dice)
 
 from .data import (ArrayDataset, BatchSampler, apply_split, build_augmenter, grouped_split,
                    load_sources, manifest_mismatch, sample_seed, small_polyp_weights)
@@ -105,6 +106,50 @@ class TrainStep(torch.nn.Module):
         with torch.no_grad():
             z0 = self.model.encode_mask(mask)
         return self.model.training_losses(image, mask, z0=z0, t=t, noise=noise.to(z0))
+
+
+NORM_BATCHES = 16  # batches of training draws that set a BatchNorm model's statistics before it is scored
+NORM_STEP = 2 ** 40  # they are the sampler's batches at steps no run reaches: never trained on as such
+
+
+def norm_batches(sampler: BatchSampler, model: Segmenter, recipe: Recipe, device) -> list[tuple]:
+    """(image, mask, t, noise) of NORM_BATCHES batches, drawn as training draws its batches."""
+    latent = tuple(model.inference_noise.shape[1:])
+    batches = []
+    for step in range(NORM_STEP, NORM_STEP + NORM_BATCHES):
+        image, mask = sampler.batch(step)
+        gen = torch.Generator().manual_seed(sample_seed(recipe.seed, 2, step))
+        t = model.sample_timesteps(recipe.batch_size, gen)
+        noise = torch.randn((recipe.batch_size, *latent), generator=gen)
+        batches.append((image.to(device), mask.to(device), t.to(device), noise.to(device)))
+    return batches
+
+
+@torch.no_grad()
+def recalibrate_batch_norms(model: Segmenter, batches: list[tuple]) -> None:
+    """Recompute the running statistics of the encoder's and U-Net's BatchNorms for `model`'s weights.
+
+    What is scored and saved is the EMA of the weights, an average over about a thousand steps;
+    the running statistics the live model gathered belong to its own, newer weights, and would
+    shift every normalised feature map (the precise-BN step of SWA's update_bn). The batches mix
+    timesteps as training does: a sample at the inference timestep was normalised with such
+    statistics. The frozen mask autoencoder keeps its stage-1 statistics. No-op for GroupNorm."""
+    frozen = set(batch_norms(model.mask_vae))
+    norms = [m for m in batch_norms(model) if m not in frozen]
+    if not norms:
+        return
+    model.eval()
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a plain average over the batches
+        norm.train()
+    step = TrainStep(model)
+    for image, mask, t, noise in batches:
+        step(image, mask, t, noise)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.eval()
 
 
 def _progress(enabled: bool) -> Progress:
@@ -441,9 +486,14 @@ def fit(recipe: Recipe, opts: RunOptions) -> dict | None:
         say(f"resuming at step {step}")
     sched = lr_schedule(opt, recipe, step)
 
+    calibration: list[tuple] = []
+
     def ema_model() -> Segmenter:
         m = copy.deepcopy(model)
         ema.copy_to([p for p in m.parameters() if p.requires_grad])
+        if batch_norms(m):
+            calibration[:] = calibration or norm_batches(sampler, m, recipe, device)
+            recalibrate_batch_norms(m, calibration)
         return m.eval()
 
     sampler = BatchSampler(train, recipe.batch_size, recipe.seed, build_augmenter(recipe.augment.preset, colour=recipe.augment.colour),
