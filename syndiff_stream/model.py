@@ -660,7 +660,7 @@ def read_checkpoint_config(directory: str | Path) -> SegmenterConfig:
         raise CheckpointError(f"checkpoint {path}: {exc}") from None
 
 
-DEFAULT_CHECKPOINT = "compact16-stem4-cond-kvasir-clinicdb-neopolyp"
+DEFAULT_CHECKPOINT = "compact16-stem4-bn-kvasir-clinicdb-neopolyp"
 
 
 def default_checkpoint_path() -> Path:

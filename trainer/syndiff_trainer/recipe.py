@@ -22,7 +22,7 @@ from syndiff_stream.model import SegmenterConfig, preset_config, validation_mess
 
 RECIPE_VERSION = 1
 RECIPE_NAME = "recipe.toml"
-DEFAULT_RECIPE = "compact16-stem4-cond-kvasir-clinicdb-neopolyp"
+DEFAULT_RECIPE = "compact16-stem4-bn-kvasir-clinicdb-neopolyp"
 
 
 class RecipeError(ValueError):
