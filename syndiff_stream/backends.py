@@ -136,13 +136,20 @@ class CompileBackend(TorchBackend):
         # freezing: inductor treats the weights as constants, so it can fold them and prepack them
         # into oneDNN's blocked layout once (the CPU inference setting of inductor's docs)
         options = {"freezing": True} if freezing and compiler == "inductor" else None
+        # CUDA graphs without inductor's graph trees: the trees live in the compiling thread's local
+        # storage, and the CUDA runner calls the model from its own thread (AssertionError in get_obj)
+        self.graphs = mode == "reduce-overhead" and compiler == "inductor"
+        if self.graphs:
+            mode, options = None, {**(options or {}), "triton.cudagraphs": True, "triton.cudagraph_trees": False}
         self.module = torch.compile(SingleStep(self.seg), backend=compiler, mode=mode, dynamic=False, options=options)
 
     @torch.inference_mode()
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         batch = self._layout(batch)
         with self._precision():
-            return self.module(batch).float()
+            out = self.module(batch)
+        # a CUDA graph replays into the same output buffer: the caller keeps its own copy
+        return out.clone().float() if self.graphs else out.float()
 
 
 # ---- ONNX Runtime -------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ PART_BYTES = 15 * 1024 * 1024
 # here. pywavelets (imagehash's whash, unused) stays behind: it would cost 4.5 of the 64 MiB.
 WHEELS = ["diffusers==0.42.1", "albumentations==2.0.8", "albucore==0.0.24", "pydantic==2.14.4",
           "pydantic-core==2.50.5", "annotated-types==0.8.0", "typing-inspection==0.4.5", "imagehash==4.3.2",
-          "tomli-w==1.2.0", "stringzilla==5.3.2", "simsimd==6.5.16", "importlib-metadata==10.2.0"]
+          "tomli-w==1.2.0", "stringzilla==5.3.2", "simsimd==6.5.16", "importlib-metadata==10.2.0",
+          "monai==1.6.1"]  # monai: scoring's surface metrics (a LOCO fold scores on the device)
 # The lease's training runs: name -> recipe overrides on the default recipe. The default again on
 # the GPU at full length, a second seed (run-to-run spread at full length, which the 1 500-step
 # ablation could not afford), the small-polyp lever, and the large preset the issue asks for.
@@ -61,7 +62,8 @@ SESSION_RUNS = {
 }
 
 
-def pack(recipe_name: str | None, sets: list[str], wheels: bool) -> None:
+def pack(recipe_name: str | None, sets: list[str], wheels: bool, quality: int = JPEG_QUALITY,
+         polyp_free: list[str] = ()) -> None:
     import cv2
 
     from syndiff_stream.datasets import find_pairs, read_image, read_mask
@@ -87,10 +89,24 @@ def pack(recipe_name: str | None, sets: list[str], wheels: bool) -> None:
             image = crop_resize(image, fov, size)
             mask = crop_resize(mask, fov, size, interpolation=cv2.INTER_NEAREST)
             cv2.imwrite(str(dest / "images" / f"{pair.stem}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                        [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-            cv2.imwrite(str(dest / "masks" / f"{pair.stem}.png"), mask)
+                        [cv2.IMWRITE_JPEG_QUALITY, quality])
+            cv2.imwrite(str(dest / "masks" / f"{pair.stem}.png"), mask, [cv2.IMWRITE_PNG_BILEVEL, 1])  # 1 bit a pixel
         if (Path(spec.path) / "sequences.csv").is_file():
             shutil.copy2(Path(spec.path) / "sequences.csv", dest / "sequences.csv")
+    for root in map(Path, polyp_free):  # validation only (alarm rates of LOCO folds), never trained on
+        dest = PACK / "polyp-free" / root.name / "images"
+        shutil.rmtree(dest.parent, ignore_errors=True)
+        dest.mkdir(parents=True)
+        folder = root / "images" if (root / "images").is_dir() else root
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() not in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"):
+                continue
+            image = read_image(path)
+            image = crop_resize(image, find_field_of_view(image), size)
+            cv2.imwrite(str(dest / f"{path.stem}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                        [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if (root / "sequences.csv").is_file():
+            shutil.copy2(root / "sequences.csv", dest.parent / "sequences.csv")
     if wheels:
         shutil.rmtree(PACK / "wheels", ignore_errors=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
@@ -131,9 +147,7 @@ def run(recipe_name: str | None, sets: list[str], out: Path, device: str, time_b
 
     recipe_name = recipe_name or DEFAULT_RECIPE
     recipe = load_recipe(recipe_name, sets)
-    paths = [f'data.{i}.path="{PACK / "data" / s.name}"' for i, s in enumerate(recipe.data)
-             if (PACK / "data" / s.name).is_dir()]
-    recipe = load_recipe(recipe_name, [*sets, *paths])
+    recipe = load_recipe(recipe_name, [*sets, *pack_paths(recipe)])
     run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"device-run-{out.name}"
     shutil.rmtree(run_dir, ignore_errors=True)
     result = fit(recipe, RunOptions(out=str(run_dir), device=device, progress=False, time_budget_s=time_budget,
@@ -149,13 +163,52 @@ def run(recipe_name: str | None, sets: list[str], out: Path, device: str, time_b
         to_half(out)
 
 
+def pack_paths(recipe) -> list[str]:
+    """--set overrides pointing the recipe's sources at the pack (those packed)."""
+    return [f'data.{i}.path="{PACK / "data" / s.name}"' for i, s in enumerate(recipe.data)
+            if (PACK / "data" / s.name).is_dir()]
+
+
+def loco(recipe_name: str, sets: list[str], only: str, out: Path, device: str, time_budget: float | None,
+         loader_workers: int = 1, compile_mode: str = "no", precision: str = "no") -> None:
+    """One leave-one-centre-out fold (`syndiff-train cross-centre --only`) on the pack: trained on the
+    other sources, scored on the held-out one and on every packed polyp-free set."""
+    install_wheels()
+    from syndiff_trainer.crossval import run_cross_centre
+    from syndiff_trainer.negatives import named_polyp_free
+    from syndiff_trainer.recipe import load_recipe
+
+    recipe = load_recipe(recipe_name, sets)
+    recipe = load_recipe(recipe_name, [*sets, *pack_paths(recipe)])
+    free = named_polyp_free([str(p) for p in sorted((PACK / "polyp-free").glob("*")) if p.is_dir()],
+                            recipe.image_size)
+    table = run_cross_centre(recipe, out, (only,), free, device=device, progress=False, time_budget_s=time_budget,
+                             loader_workers=loader_workers, compile=compile_mode, precision=precision)
+    print(table, flush=True)
+
+
+def parse_loco(items: list[str]) -> dict[str, tuple[str, int]]:
+    """NAME=RECIPE[@SEED] -> {NAME: (RECIPE, SEED)}."""
+    parsed = {}
+    for item in items:
+        name, sep, rest = item.partition("=")
+        recipe, _, seed = rest.partition("@")
+        if not sep or not name or not recipe or (seed and not seed.isdigit()):
+            raise SystemExit(f"--loco {item!r}: expected NAME=RECIPE or NAME=RECIPE@SEED")
+        parsed[name] = (recipe, int(seed or 0))
+    return parsed
+
+
 def session(out: Path, budget: float, check_timeout: float, runs: list[str], recipe: str | None, sets: list[str],
-            split: str | None, device: str, check_args: list[str], compile_mode: str = "no", precision: str = "auto") -> int:
-    """The lease in one call: parallel training runs, then the GPU bench, then the returned files."""
+            split: str | None, device: str, check_args: list[str], compile_mode: str = "no", precision: str = "auto",
+            loco_items: list[str] = (), loco_sets: list[str] = (), check_first: bool = False) -> int:
+    """The lease in one call: parallel training runs (plain runs and leave-one-centre-out folds), the
+    GPU bench before or after them, then the returned files."""
     started = time.time()
     unknown = sorted(set(runs) - set(SESSION_RUNS))
     if unknown:
         raise SystemExit(f"--runs: unknown run(s) {', '.join(unknown)}; choose from {', '.join(SESSION_RUNS)}")
+    locos = parse_loco(list(loco_items))
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(os.environ.get("TMPDIR", "/tmp")) / "device-session"
     shutil.rmtree(staging, ignore_errors=True)
@@ -168,55 +221,78 @@ def session(out: Path, budget: float, check_timeout: float, runs: list[str], rec
         log.write(line + "\n")
         log.flush()
 
+    def device_check() -> None:
+        check = [sys.executable, str(ROOT / "tools" / "device_check.py"), "--device", device, *check_args,
+                 "--out", str(out / "device-check.json")]
+        with (out / "device-check.log").open("w") as check_log:  # rows land here as they are measured
+            try:
+                done = subprocess.run(check, stdout=check_log, stderr=subprocess.STDOUT, timeout=check_timeout)
+                say(f"device check: exit {done.returncode}")
+            except subprocess.TimeoutExpired:
+                say(f"device check: stopped after {check_timeout:.0f} s (rows so far in device-check.log)")
+
     install_wheels()
     from syndiff_stream.model import default_checkpoint_path
-    from syndiff_trainer.recipe import DEFAULT_RECIPE
+    from syndiff_trainer.recipe import DEFAULT_RECIPE, load_recipe
 
     recipe = recipe or DEFAULT_RECIPE
     split = str(default_checkpoint_path() / "split.json") if split is None else split
-    say(f"wheels in; runs {runs}, budget {budget:.0f} s each")
+    if check_first:
+        say("device check first, alone on the GPU")
+        device_check()
+    # one process per plain run and per fold; the deadline counts from here
+    jobs = {name: [*sets, *SESSION_RUNS[name]] for name in runs}
+    folds = {(name, held): (loco_recipe, seed) for name, (loco_recipe, seed) in locos.items()
+             for held in (d.name for d in load_recipe(loco_recipe, list(loco_sets)).data)}
+    say(f"wheels in; runs {runs}, loco folds {[f'{n}/{h}' for n, h in folds]}, budget {budget:.0f} s each")
+    launched = time.time()
     procs = {}
-    cores = max(2, (os.cpu_count() or 4) // len(runs))  # each run: half its cores prepare batches
+    cores = max(2, (os.cpu_count() or 4) // max(1, len(jobs) + len(folds)))  # half of each share prepares batches
     threads, workers = max(1, cores // 2 - 1), max(1, cores // 2)
     split_sets = ['split.policy="file"', f'split.file="{Path(split).resolve()}"'] if split else []
-    for name in runs:
-        run_sets = [*sets, *SESSION_RUNS[name], *split_sets]
-        cmd = [sys.executable, __file__, "run", "--recipe", recipe, "--device", device, "--out", str(staging / name),
-               "--half", "--time-budget", str(budget), "--loader-workers", str(workers), "--compile", compile_mode,
-               "--precision", precision,
-               *[a for s in run_sets for a in ("--set", s)]]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TMPDIR": str(staging)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TMPDIR": str(staging)}
+    common = ["--device", device, "--time-budget", str(budget), "--loader-workers", str(workers),
+              "--compile", compile_mode]
+    for name, run_sets in jobs.items():
+        cmd = [sys.executable, __file__, "run", "--recipe", recipe, "--out", str(staging / name), "--half", *common,
+               "--precision", precision, *[a for s in [*run_sets, *split_sets] for a in ("--set", s)]]
         procs[name] = subprocess.Popen(cmd, stdout=(staging / f"{name}.out").open("w"), stderr=subprocess.STDOUT,
                                        env=env)
+    for (name, held), (loco_recipe, seed) in folds.items():
+        cmd = [sys.executable, __file__, "loco", "--recipe", loco_recipe, "--only", held, "--out", str(staging / name),
+               *common, "--precision", "no" if precision == "auto" else precision,  # LOCO records are fp32
+               *[a for s in [*loco_sets, f"seed={seed}"] for a in ("--set", s)]]
+        procs[f"{name}-{held}"] = subprocess.Popen(cmd, stdout=(staging / f"{name}-{held}.out").open("w"),
+                                                   stderr=subprocess.STDOUT, env=env)
     for name, proc in procs.items():
         try:
-            proc.wait(timeout=max(1.0, started + budget + 60 - time.time()))
+            proc.wait(timeout=max(1.0, launched + budget + 60 - time.time()))
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
         say(f"run {name}: exit {proc.returncode}; " + " | ".join(
             (staging / f"{name}.out").read_text().strip().splitlines()[-3:]))
-    pack_runs(staging, runs, out)
+    pack_runs(staging, [*runs, *locos], out, [f"{n}-{h}" for n, h in folds])
     say("runs packed")
-    check = [sys.executable, str(ROOT / "tools" / "device_check.py"), "--device", device, *check_args,
-             "--out", str(out / "device-check.json")]
-    with (out / "device-check.log").open("w") as check_log:  # rows land here as they are measured
-        try:
-            done = subprocess.run(check, stdout=check_log, stderr=subprocess.STDOUT, timeout=check_timeout)
-            say(f"device check: exit {done.returncode}")
-        except subprocess.TimeoutExpired:
-            say(f"device check: stopped after {check_timeout:.0f} s (rows so far in device-check.log)")
+    if not check_first:
+        device_check()
     say("done")
     return 0
 
 
-def pack_runs(staging: Path, runs: list[str], out: Path) -> None:
-    """Every run's folder and output in one tar, cut into parts a returned file may hold."""
+def pack_runs(staging: Path, runs: list[str], out: Path, logs: list[str] = ()) -> None:
+    """Every run's folder and output in one tar, cut into parts a returned file may hold. A LOCO
+    folder travels without its weights: its results and each fold's records are what rank recipes."""
     tar_path = staging / "runs.tar"
     with tarfile.open(tar_path, "w") as tar:
+        for name in [*runs, *logs]:
+            if (staging / f"{name}.out").is_file():
+                tar.add(staging / f"{name}.out", arcname=f"{name}.out")
         for name in runs:
-            tar.add(staging / f"{name}.out", arcname=f"{name}.out")
             if (staging / name).is_dir():
-                tar.add(staging / name, arcname=name)
+                tar.add(staging / name, arcname=name,
+                        filter=lambda info: None if info.name.endswith(".safetensors") and "/holdout-" in info.name
+                        else info)
             elif (staging / f"device-run-{name}" / "log.jsonl").is_file():  # no model: at least its log
                 tar.add(staging / f"device-run-{name}" / "log.jsonl", arcname=f"{name}.log.jsonl")
     data = tar_path.read_bytes()
@@ -245,21 +321,26 @@ def unpack(folder: Path, dest: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("pack", "run"):
+    for name in ("pack", "run", "loco"):
         p = sub.add_parser(name)
         p.add_argument("--recipe", default=None, help="default: the trainer's default recipe")
         p.add_argument("--set", dest="sets", action="append", default=[])
-    sub.choices["pack"].add_argument("--no-wheels", action="store_true")
-    r = sub.choices["run"]
-    r.add_argument("--out", type=Path, required=True, help="the run's model and records land here")
-    r.add_argument("--device", default="cuda")
-    r.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
-    r.add_argument("--half", action="store_true", help="weights in fp16")
-    r.add_argument("--loader-workers", type=int, default=1, help="threads preparing batches ahead")
-    r.add_argument("--compile", default="no", choices=["no", "default", "reduce-overhead"],
-                   help="torch.compile the training step (fewer kernel launches)")
-    r.add_argument("--precision", default="auto", choices=["auto", "bf16", "no"],
-                   help="auto: bf16 autocast on CUDA (its casts add launches to a launch-bound step)")
+    k = sub.choices["pack"]
+    k.add_argument("--no-wheels", action="store_true")
+    k.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY, help="of the packed frames (smaller travels)")
+    k.add_argument("--polyp-free", action="append", default=[], metavar="PATH",
+                   help="a polyp-free folder to pack for LOCO folds' alarm rates (validation only)")
+    sub.choices["loco"].add_argument("--only", required=True, metavar="SOURCE", help="the held-out source")
+    for r in (sub.choices["run"], sub.choices["loco"]):
+        r.add_argument("--out", type=Path, required=True, help="the run's model and records land here")
+        r.add_argument("--device", default="cuda")
+        r.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
+        r.add_argument("--loader-workers", type=int, default=1, help="threads preparing batches ahead")
+        r.add_argument("--compile", default="no", choices=["no", "default", "reduce-overhead"],
+                       help="torch.compile the training step (fewer kernel launches)")
+        r.add_argument("--precision", default="auto", choices=["auto", "bf16", "no"],
+                       help="auto: bf16 autocast on CUDA (its casts add launches to a launch-bound step)")
+    sub.choices["run"].add_argument("--half", action="store_true", help="weights in fp16")
     s = sub.add_parser("session")
     s.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device-out")))
     s.add_argument("--budget", type=float, default=350, help="seconds each training run may take")
@@ -273,6 +354,10 @@ def main() -> None:
     s.add_argument("--compile", default="no", choices=["no", "default", "reduce-overhead"],
                    help="every run's training step compiled (on the H200, eager was launch-bound)")
     s.add_argument("--precision", default="auto", choices=["auto", "bf16", "no"], help="every run's precision")
+    s.add_argument("--loco", action="append", default=[], metavar="NAME=RECIPE[@SEED]",
+                   help="a leave-one-centre-out run: one process per held-out source (repeatable)")
+    s.add_argument("--loco-set", action="append", default=[], metavar="KEY=VALUE", help="override for every LOCO run")
+    s.add_argument("--check-first", action="store_true", help="the GPU bench before training, alone on the GPU")
     # CUDA graphs first: on the H200 eager mode was launch-bound (docs/runtime.md)
     s.add_argument("--check-args", default="--sizes 1920x1080,720x576 --frames 200 --variants cudagraphs:fp16,"
                    "compile:fp16,eager:fp32 --presets tiny,compact,large", help="device_check.py's arguments")
@@ -281,13 +366,17 @@ def main() -> None:
     u.add_argument("dest", type=Path)
     args = parser.parse_args()
     if args.cmd == "pack":
-        pack(args.recipe, args.sets, not args.no_wheels)
+        pack(args.recipe, args.sets, not args.no_wheels, args.jpeg_quality, args.polyp_free)
     elif args.cmd == "run":
         run(args.recipe, args.sets, args.out, args.device, args.time_budget, args.half, args.loader_workers, args.compile,
             args.precision)
+    elif args.cmd == "loco":
+        loco(args.recipe, args.sets, args.only, args.out, args.device, args.time_budget, args.loader_workers,
+             args.compile, args.precision)
     elif args.cmd == "session":
-        sys.exit(session(args.out, args.budget, args.check_timeout, args.runs.split(","), args.recipe, args.sets,
-                         args.split, args.device, args.check_args.split(), args.compile, args.precision))
+        sys.exit(session(args.out, args.budget, args.check_timeout, [r for r in args.runs.split(",") if r],
+                         args.recipe, args.sets, args.split, args.device, args.check_args.split(), args.compile,
+                         args.precision, args.loco, args.loco_set, args.check_first))
     else:
         unpack(args.folder, args.dest)
 

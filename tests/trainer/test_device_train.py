@@ -76,3 +76,36 @@ def test_the_whole_session_on_cpu_returns_runs_and_the_device_check(kvasir_subse
         assert Segmenter.from_pretrained(tmp_path / "runs" / name).config.image_size == 64
         assert "seed = 1" in (tmp_path / "runs" / name / "recipe.toml").read_text().splitlines() or name == "default"
         assert (tmp_path / "runs" / f"{name}.out").is_file()
+
+
+def test_a_session_of_loco_folds_checks_first_and_returns_results_without_weights(
+        kvasir_subset, clinicdb_subset, rt_tiny_model_dir, tmp_path):
+    run, recipe = script(tmp_path), tiny_recipe_file(tmp_path, kvasir_subset)
+    recipe.write_text(recipe.read_text().replace('[split]', f'''[[data]]
+name = "clinicdb"
+path = "{clinicdb_subset}"
+groups = "none"
+[split]'''))
+    free = tmp_path / "free-val" / "images"
+    free.mkdir(parents=True)
+    for i, image in enumerate(sorted((kvasir_subset / "images").iterdir())[:3]):  # stand-ins: any frames do
+        cv2.imwrite(str(free / f"f{i}.jpg"), cv2.imread(str(image)))
+    run("pack", "--recipe", recipe, "--no-wheels", "--jpeg-quality", "80", "--polyp-free", free.parent)
+    mask = next((tmp_path / "pack" / "data" / "clinicdb" / "masks").iterdir())
+    assert cv2.imread(str(mask), cv2.IMREAD_UNCHANGED).max() == 255  # bilevel PNG reads back as 0 / 255
+    assert len(list((tmp_path / "pack" / "polyp-free" / "free-val" / "images").iterdir())) == 3
+    done = run("session", "--out", tmp_path / "OUT", "--runs", "", "--loco", f"bn={recipe}@1", "--check-first",
+               "--device", "cpu", "--budget", "200", "--check-args",
+               f"--model {rt_tiny_model_dir} --sizes 90x72 --variants eager:fp32 --frames 2 --parity-frames 1")
+    log = (tmp_path / "OUT" / "session.log").read_text()
+    assert log.index("device check: exit 0") < log.index("loco folds"), log  # the bench ran alone, first
+    import io
+    import tarfile
+    parts = sorted((tmp_path / "OUT").glob("runs.tar.part*"))
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
+        names = tar.getnames()
+        assert not [n for n in names if n.endswith(".safetensors")], names  # results travel, weights do not
+        for held in ("kvasir", "clinicdb"):
+            result = json.loads(tar.extractfile(f"bn/holdout-{held}/result.json").read())
+            assert "images" in result and "free-val" in result["polyp_free"], done.stdout
+            assert "seed = 1" in tar.extractfile(f"bn/holdout-{held}/recipe.toml").read().decode().splitlines()
