@@ -3,7 +3,8 @@
 The CPU changes from session to session (an AVX-512 machine one day, AVX2 the next), so an absolute
 frames-per-second figure says more about the machine than about the code. `bench` therefore
 reports the model's floating-point work per frame, the machine's measured dense fp32 throughput
-(a short matmul probe on the same threads), and the frame rate that would give: the ceiling. The
+(short GEMM probes on the same threads, the best of torch's and ONNX Runtime's), and the frame rate
+that would give: the ceiling. The
 share of it that the model and the whole pipeline reach is the figure that compares across days.
 The same CPU facts are what a training run records (`syndiff_trainer.machine`).
 """
@@ -50,38 +51,89 @@ def model_flops(seg, device: torch.device | None = None) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_gflops(threads: int, device: torch.device | None = None, size: int = 1024, seconds: float = 1.0) -> float:
-    """Dense fp32 matmul throughput in GFLOP/s on `threads` torch threads (the best of short
-    bursts for about `seconds`: the machine's attainable peak, not its average under load)."""
+PROBE_SIZES = (512, 1024)  # square fp32 GEMMs: one that stays in cache, one that streams
+
+
+def _best_gflops(run, size: int, seconds: float, sync=lambda: None) -> float:
+    """The best of short bursts of `run` (one size x size GEMM) for about `seconds`."""
+    run()  # warm-up: allocation, kernel choice
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        sync()
+        start = time.perf_counter()
+        for _ in range(4):
+            run()
+        sync()
+        best = max(best, 4 * 2 * size ** 3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def _ort_gemm(threads: int, size: int):
+    """One ONNX Runtime MatMul (MLAS's GEMM, the kernels the default CPU path runs on) as a callable;
+    None without onnxruntime."""
+    try:
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])],
+        [numpy_helper.from_array(rng.standard_normal((size, size), dtype=np.float32), "b")])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                   .SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {"a": rng.standard_normal((size, size), dtype=np.float32)}
+    return lambda: session.run(None, feed)
+
+
+def matmul_probes(threads: int, device: torch.device | None = None, sizes=PROBE_SIZES,
+                  seconds: float = 1.0) -> dict[str, float]:
+    """Dense fp32 GEMM throughput in GFLOP/s per library on `threads` threads, each the best of
+    short bursts (the attainable peak, not the average under load). On a CPU both torch's BLAS and
+    ONNX Runtime's MLAS: which is faster depends on the CPU (torch's MKL takes a slower path on
+    AMD: 195 against MLAS's 464 GFLOP/s on a Zen 5, docs/runtime.md), and the ceiling must be what
+    this machine can do, not what one library does on it."""
     device = device or torch.device("cpu")
+    per = seconds / (len(sizes) * (1 if device.type == "cuda" else 2))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    out = {}
     try:
-        a = torch.randn(size, size, device=device)
-        b = torch.randn(size, size, device=device)
-        torch.mm(a, b)  # warm-up: allocation, kernel choice
-        best, deadline = 0.0, time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            for _ in range(4):
-                torch.mm(a, b)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = max(best, 4 * 2 * size ** 3 / (time.perf_counter() - start) / 1e9)
-        return best
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        for size in sizes:
+            a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+            out["torch"] = max(out.get("torch", 0.0), _best_gflops(lambda: torch.mm(a, b), size, per, sync))
     finally:
         torch.set_num_threads(before)
+    if device.type == "cpu":
+        for size in sizes:
+            gemm = _ort_gemm(threads, size)
+            if gemm is not None:
+                out["onnxruntime"] = max(out.get("onnxruntime", 0.0), _best_gflops(gemm, size, per))
+    return out
+
+
+def matmul_gflops(threads: int, device: torch.device | None = None, size: int | None = None,
+                  seconds: float = 1.0) -> float:
+    """The machine's dense fp32 throughput: the best library's GEMM (`matmul_probes`)."""
+    return max(matmul_probes(threads, device, (size,) if size else PROBE_SIZES, seconds).values())
 
 
 def ceiling(seg, threads: int, model_fps: float, e2e_fps: float, device: torch.device | None = None) -> dict:
     """The frame rate the machine's fp32 throughput allows for this model, and the share of it the
     model and the pipeline reach (`bench`'s `ceiling` block; docs/runtime.md)."""
     flops = model_flops(seg, torch.device("cpu"))
-    gflops = matmul_gflops(threads, device)
+    probes = matmul_probes(threads, device)
+    library = max(probes, key=probes.get)
+    gflops = probes[library]
     top = gflops * 1e9 / flops
-    out = {"cpu": cpu_facts(), "threads": threads, "matmul_gflops": round(gflops, 1),
+    out = {"cpu": cpu_facts(), "threads": threads, "matmul_gflops": round(gflops, 1), "matmul_library": library,
+           "matmul_probes": {k: round(v, 1) for k, v in probes.items()},
            "model_gflop_per_frame": round(flops / 1e9, 4), "ceiling_fps": round(top, 1),
            "model_share": round(model_fps / top, 3) if model_fps else None,
            "pipeline_share": round(e2e_fps / top, 3) if e2e_fps else None,

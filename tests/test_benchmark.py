@@ -30,6 +30,8 @@ def test_bench_reports_the_machine_ceiling_and_the_share_reached(rt_tiny_segment
     assert c["cpu"]["model"] and c["cpu"]["kernel_capability"] and isinstance(c["cpu"]["vector_extensions"], list)
     assert c["model_gflop_per_frame"] == round(model_flops(rt_tiny_segmenter) / 1e9, 4) > 0
     assert c["matmul_gflops"] > 0 and c["threads"] >= 1
+    # the ceiling is the best library's GEMM: torch's and, where installed, ONNX Runtime's
+    assert c["matmul_gflops"] == max(c["matmul_probes"].values()) == c["matmul_probes"][c["matmul_library"]]
     assert c["ceiling_fps"] == pytest.approx(c["matmul_gflops"] / c["model_gflop_per_frame"], rel=0.01)
     assert c["model_share"] == pytest.approx(report["model_fps"] / c["ceiling_fps"], rel=0.01, abs=1e-3)
     assert c["pipeline_share"] == pytest.approx(report["e2e_fps"] / c["ceiling_fps"], rel=0.01, abs=1e-3)
@@ -52,3 +54,13 @@ def test_flops_of_a_convolution_are_counted_as_two_per_multiply_add():
 
     assert model_flops(One()) == 2 * 3 * 4 * 9 * 8 * 8
     assert matmul_gflops(1, size=64, seconds=0.05) > 0
+
+
+def test_the_gemm_probe_reads_every_library_at_hand():
+    import importlib.util
+
+    from syndiff_stream.machine import matmul_probes
+
+    probes = matmul_probes(1, sizes=(64,), seconds=0.05)
+    assert set(probes) == {"torch"} | ({"onnxruntime"} if importlib.util.find_spec("onnxruntime") else set())
+    assert all(v > 0 for v in probes.values())

@@ -8,7 +8,8 @@ speed     model frames/s of each path run as the pipeline runs it (`benchmark.th
           single-threaded ONNX Runtime call per core, batches of --batch validation frames), the paths
           taking turns for --rounds rounds (A B C A B C ...: load that comes and goes hits all alike), the
           median per path and its range; the share of the ceiling (machine.py: the model's FLOPs per frame
-          against the best dense fp32 matmul probe on the same threads, before and after the rounds)
+          against the best dense fp32 GEMM probe, torch's or ONNX Runtime's, on the same threads, before and
+          after the rounds)
 parity    per-frame Dice of each path's mask against eager fp32 (model resolution, the checkpoint's
           threshold) on the validation images of the checkpoint's split (split.json `val`, found under
           --data NAME=DIR), min and mean; passes at min >= 0.99
@@ -40,7 +41,7 @@ from syndiff_stream.benchmark import throughput
 from syndiff_stream.cpu_paths import PATHS, Choice, build_path, cache_key, choice_file, pick, record_parity, unavailable
 from syndiff_stream.datasets import read_image
 from syndiff_stream.frames import Frame
-from syndiff_stream.machine import cpu_facts, matmul_gflops, model_flops
+from syndiff_stream.machine import cpu_facts, matmul_probes, model_flops
 from syndiff_stream.metrics import dice
 from syndiff_stream.model import Segmenter, default_checkpoint_path
 from syndiff_stream.preprocess import prepare
@@ -153,14 +154,15 @@ def measure(args) -> dict:
         rows[name]["ok"] = rows[name]["parity_min"] >= PARITY_MIN and rows[name]["extra_alarms"] == 0
 
     flops = model_flops(seg)
-    probes = [matmul_gflops(threads)]
+    probes = [matmul_probes(threads)]
     calls = max(1, math.ceil(args.frames / len(timing)))
     for _ in range(args.rounds):
         for name, backend in backends.items():
             fps = throughput(backend, timing, seconds=0.0, min_calls=max(1, calls // max(1, backend.workers)))
             rows[name]["fps_rounds"].append(round(fps, 2))
-    probes.append(matmul_gflops(threads))
-    ceiling_fps = max(probes) * 1e9 / flops
+    probes.append(matmul_probes(threads))
+    gflops = [max(p.values()) for p in probes]
+    ceiling_fps = max(gflops) * 1e9 / flops
     for row in rows.values():
         fps = row["fps_rounds"]
         row["model_fps"] = round(float(np.median(fps)), 2)
@@ -168,7 +170,8 @@ def measure(args) -> dict:
         row["share"] = round(row["model_fps"] / ceiling_fps, 3)
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": facts, "threads": threads,
             "model": str(args.model or default_checkpoint_path()), "model_hash": model_hash(seg),
-            "model_gflop_per_frame": round(flops / 1e9, 4), "matmul_gflops": [round(g, 1) for g in probes],
+            "model_gflop_per_frame": round(flops / 1e9, 4), "matmul_gflops": [round(g, 1) for g in gflops],
+            "matmul_probes": [{k: round(v, 1) for k, v in p.items()} for p in probes],
             "ceiling_fps": round(ceiling_fps, 1), "batch": len(timing), "one_call": args.one_call,
             "frames_per_round": calls * len(timing), "rounds": args.rounds,
             "parity": {"reference": "eager fp32", "validation_images": len(val), "split": str(split),
