@@ -165,6 +165,10 @@ class SegmenterConfig(BaseModel):
     # where GroupNorm costs a reorder pair and its own passes over every feature map (issue 25,
     # docs/runtime.md: the norm is what keeps the model below 0.7 of the CPU's ceiling).
     norm: Literal["group", "batch"] = "group"
+    # Activation of every block (diffusers' act_fn) and of the presence head. "silu": every model
+    # before 2026-12-04. "relu": ORT's blocked convolutions apply it inside the convolution, where
+    # SiLU (x * sigmoid(x)) is a pass of its own over each feature map (tools/norm_headroom.py).
+    act: Literal["silu", "relu"] = "silu"
     # Diffusion (SDSeg's schedule: linear betas 0.0015 -> 0.0155, T = 1000).
     num_train_timesteps: int = 1000
     beta_start: float = 0.0015
@@ -307,6 +311,18 @@ def use_batch_norm(module: nn.Module) -> None:
                 setattr(parent, name, ChannelBatchNorm(child.num_channels, eps=child.eps, affine=child.affine))
 
 
+def activation(name: str) -> nn.Module:
+    return nn.ReLU() if name == "relu" else nn.SiLU()
+
+
+def replace_modules(module: nn.Module, kind: type, make) -> None:
+    """Every `kind` under `module` replaced by `make()` (for parameter-free modules: no draw)."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, kind):
+                setattr(parent, name, make())
+
+
 def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -330,6 +346,7 @@ class VisionEncoder(nn.Module):
             norm_num_groups=cfg.encoder_norm_num_groups,
             double_z=cfg.encoder_double_z,
             mid_block_add_attention=cfg.encoder_mid_attention,
+            act_fn=cfg.act,
         )
         enc_out = 2 * cfg.latent_channels if cfg.encoder_double_z else cfg.cond_channels
         self.proj = nn.Conv2d(enc_out, cfg.cond_channels, 1)
@@ -349,8 +366,8 @@ class PresenceHead(nn.Module):
         super().__init__()
         c = cfg.presence_channels
         self.features = nn.Sequential(
-            nn.Conv2d(cfg.cond_channels + cfg.latent_channels, c, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(c, c, 3, padding=1), nn.SiLU())
+            nn.Conv2d(cfg.cond_channels + cfg.latent_channels, c, 3, padding=1), activation(cfg.act),
+            nn.Conv2d(c, c, 3, padding=1), activation(cfg.act))
         self.out = nn.Linear(2 * c, 1)
 
     def forward(self, z_c: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
@@ -372,7 +389,7 @@ class Segmenter(nn.Module):
             block_out_channels=cfg.vae_block_out_channels, layers_per_block=cfg.vae_layers_per_block,
             latent_channels=cfg.latent_channels, norm_num_groups=cfg.vae_norm_num_groups,
             sample_size=cfg.image_size, scaling_factor=cfg.latent_scaling_factor,
-            mid_block_add_attention=cfg.vae_mid_attention,
+            mid_block_add_attention=cfg.vae_mid_attention, act_fn=cfg.act,
         )
         self.vision_encoder = VisionEncoder(cfg)
         self.unet = UNet2DModel(
@@ -380,11 +397,13 @@ class Segmenter(nn.Module):
             out_channels=cfg.latent_channels, down_block_types=cfg.unet_down_block_types,
             up_block_types=cfg.unet_up_block_types, block_out_channels=cfg.unet_block_out_channels,
             layers_per_block=cfg.unet_layers_per_block, norm_num_groups=cfg.unet_norm_num_groups,
-            attention_head_dim=cfg.unet_attention_head_dim,
+            attention_head_dim=cfg.unet_attention_head_dim, act_fn=cfg.act,
         )
         if cfg.norm == "batch":
             for part in (self.mask_vae, self.vision_encoder, self.unet):
                 use_batch_norm(part)
+        if cfg.act != "silu":  # diffusers hard-codes SiLU before each output convolution: those too
+            replace_modules(self, nn.SiLU, lambda: activation(cfg.act))
         # built after the others, so that adding it leaves their seeded initial weights unchanged
         self.presence = PresenceHead(cfg) if cfg.presence_head else None
         # and without a draw from the global generator: stage 1 and stage 2 then run as without it

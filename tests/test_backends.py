@@ -166,3 +166,16 @@ def test_cuda_graph_mode_runs_from_another_thread_and_returns_its_own_copy(rt_ti
         pool.submit(backend.infer, torch.flip(demo_inputs, dims=[3])).result()
     assert torch.equal(first, kept)  # a second replay did not overwrite the first result
     assert torch.allclose(first, rt_tiny_segmenter.predict_proba(demo_inputs), atol=1e-4)
+
+
+def test_a_relu_model_exports_with_parity_and_without_silu(demo_inputs, tmp_path, monkeypatch):
+    """act = "relu" (issue 25): no Sigmoid or QuickGelu left in the ORT graph, where ReLU rides
+    inside the convolutions."""
+    from syndiff_stream.backends import ort_graph_ops
+
+    monkeypatch.setenv("SYNDIFF_CACHE", str(tmp_path))
+    seg = rt_make_tiny_segmenter(0, norm="batch", act="relu")
+    ort = OnnxBackend(seg, threads=1, dynamo=False)
+    assert torch.allclose(ort.infer(demo_inputs), seg.predict_proba(demo_inputs), atol=1e-3)
+    ops = ort_graph_ops(ort.path)
+    assert ops.get("QuickGelu", 0) == 0 and ops.get("Sigmoid", 0) <= 1  # the output's sigmoid at most

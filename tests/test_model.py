@@ -330,3 +330,20 @@ def test_batch_norm_replaces_every_group_norm_keeps_the_seeded_weights_and_saves
     loaded = Segmenter.from_pretrained(tmp_path / "bn")
     assert loaded.config.norm == "batch" and torch.equal(loaded.predict_proba(x[:2]), batch.predict_proba(x[:2]))
     assert torch.allclose(loaded.predict_proba(x[:1]), loaded.predict_proba(x[:2])[:1], atol=1e-5)  # frames do not mix
+
+
+def test_relu_replaces_every_silu_keeps_the_seeded_weights_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    silu = Segmenter(preset_config("tiny", presence_head=True))
+    torch.manual_seed(0)
+    relu = Segmenter(preset_config("tiny", presence_head=True, act="relu"))
+    assert any(isinstance(m, torch.nn.SiLU) for m in silu.modules())
+    assert not any(isinstance(m, torch.nn.SiLU) for m in relu.modules())
+    assert sum(isinstance(m, torch.nn.ReLU) for m in relu.modules()) >= 4  # blocks and the presence head
+    params = dict(relu.named_parameters())
+    assert all(torch.equal(p, params[n]) for n, p in silu.named_parameters())  # no parameter, no draw
+    x = torch.rand(2, 3, 256, 256) * 2 - 1
+    assert not torch.allclose(relu.eval().predict_proba(x), silu.eval().predict_proba(x))
+    relu.save_pretrained(tmp_path / "relu")
+    loaded = Segmenter.from_pretrained(tmp_path / "relu")
+    assert loaded.config.act == "relu" and torch.equal(loaded.predict_proba(x), relu.predict_proba(x))
