@@ -33,6 +33,7 @@ def test_device_check_runs_on_cpu(rt_tiny_model_dir, tmp_path):
     assert row["parity_dice_min"] == 1.0  # the reference path itself: identical masks
     assert set(row["live_latency_ms"]) == {"p50", "p95", "p99"} and row["live_frames"] == 3
     assert {"recorded_e2e_fps", "recorded_model_fps", "plain_loop_fps"} <= set(row)
+    assert row["graphs_compiled"] == {"warmup": 0, "parity": 0, "recorded": 0, "live": 0}  # eager builds none
     (preset,) = report["presets"]
     assert preset["preset"] == "tiny" and preset["params"] > 0 and preset["fp32_ms_median"] > 0
 

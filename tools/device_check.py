@@ -94,13 +94,28 @@ def plain_loop_fps(backend: Backend, size, frames: int) -> float:
     return round(len(images) / (time.perf_counter() - start), 2)
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (dynamo's count)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def measure(spec: str, seg: Segmenter, device: str, size, reference: list[np.ndarray], args) -> dict:
     backend = make_variant(spec, seg, device)
+    graphs = [compiled_graphs()]
     backend.warmup((1, 4))  # compilation and allocation before any clock starts
+    graphs.append(compiled_graphs())
     scores = [dice(m, r) for m, r in zip(masks_through_chain(backend, size, len(reference)), reference)]
+    graphs.append(compiled_graphs())
     recorded = Pipeline(demo(size, args.frames), backend, mode=Mode.RECORDED).run().as_dict()
+    graphs.append(compiled_graphs())
     live = Pipeline(demo(size, args.frames, realtime=True, fps=args.live_fps), backend, mode=Mode.LIVE).run().as_dict()
+    graphs.append(compiled_graphs())
     return {
+        # a compiled variant that builds graphs after warm-up (a new batch size, a failed guard)
+        # pays for it inside the figures: the counts say where (warm-up, parity, recorded, live)
+        "graphs_compiled": dict(zip(("warmup", "parity", "recorded", "live"), np.diff(graphs).tolist())),
         "variant": spec, "size": f"{size[1]}x{size[0]}",
         "parity_dice_min": round(min(scores), 4), "parity_dice_mean": round(float(np.mean(scores)), 4),
         "parity_ok": min(scores) >= PARITY_MIN,

@@ -23,6 +23,13 @@ The device call (one, inside its 10 minutes; every checkpoint but the default le
 
     device run, carry [".device"], timeout_s 590, command:
       python3 tools/device_train.py session --out $OUT
+
+Leave-one-centre-out folds instead of (or beside) plain runs, the GPU bench first and alone
+(docs/runs/h200-lease-2):
+
+    python tools/device_train.py pack --recipe RECIPE --polyp-free ../shared/data/polyp-free-val
+      python3 tools/device_train.py session --out $OUT --runs '' --check-first \
+        --loco bn=.device/recipes/batchnorm.toml@2 --loco-set steps=3000 --loco-set val_every=1000
 """
 
 from __future__ import annotations
