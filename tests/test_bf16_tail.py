@@ -27,4 +27,5 @@ def test_the_tails_keep_more_nodes_fp32_and_every_row_is_scored(rt_tiny_model_di
     assert rows["bf16"]["fp32_nodes"] == 0
     # the U-Net's last convolution comes before the mask decoder: its tail holds the decoder's
     assert 0 < rows["bf16, mask decoder fp32"]["fp32_nodes"] < rows["bf16, after the U-Net fp32"]["fp32_nodes"]
-    assert all(0 <= r["dice_min"] <= r["dice_mean"] <= 1 and r["fps"] > 0 for n, r in rows.items() if n != "f32")
+    assert all(0 <= r["dice_min"] <= r["dice_mean"] <= 1 and r["fps"] > 0 and r["bf16_convolutions"] >= 0
+               for n, r in rows.items() if n != "f32")

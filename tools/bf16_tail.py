@@ -7,8 +7,10 @@ with every node downstream of the mask decoder's first convolution kept fp32, an
 downstream of the U-Net's last convolution kept fp32 (OpenVINO keeps a node marked with the
 `disable_fp16_compression` runtime attribute in its original precision under bf16 too). For each:
 per-frame Dice of the thresholded masks against OpenVINO fp32 on the checkpoint's validation
-images (split.json `val`), how many frames fall below 0.99, and model frames a second on
---threads threads (batch 4, one infer request).
+images (split.json `val`), how many frames fall below 0.99, how many convolutions the compiled
+model runs in bf16 (its runtime model: whether the marking took effect), and model frames a second
+on --threads threads (batch 4, one infer request, one window per row: a rough figure, not the
+alternating rounds of tools/speed_paths.py).
 """
 
 from __future__ import annotations
@@ -78,6 +80,11 @@ def main(argv=None) -> int:
         out = [np.array(request.infer({0: x[i:i + 4]})[compiled.output(0)], copy=True) for i in range(0, len(x), 4)]
         return np.concatenate(out) >= cfg.threshold
 
+    def bf16_convolutions(compiled) -> int:
+        return sum(1 for op in compiled.get_runtime_model().get_ordered_ops()
+                   if op.get_rt_info()["layerType"].astype(str) == "Convolution"
+                   and op.get_rt_info()["runtimePrecision"].astype(str) == "bf16")
+
     def fps(compiled) -> float:
         request, n = compiled.create_infer_request(), 0
         request.infer({0: x[:4]})
@@ -95,7 +102,7 @@ def main(argv=None) -> int:
         scores = np.array([dice(a[0], b[0]) for a, b in zip(masks(compiled), ref)])
         rows[name] = {"fp32_nodes": kept, "dice_min": round(float(scores.min()), 4),
                       "dice_mean": round(float(scores.mean()), 4), "frames_below_0.99": int((scores < 0.99).sum()),
-                      "fps": round(fps(compiled), 1)}
+                      "bf16_convolutions": bf16_convolutions(compiled), "fps": round(fps(compiled), 1)}
     print(json.dumps({"validation_images": len(val), "threads": args.threads, "rows": rows}, indent=1))
     return 0
 
