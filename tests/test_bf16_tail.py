@@ -23,7 +23,10 @@ def test_the_tails_keep_more_nodes_fp32_and_every_row_is_scored(rt_tiny_model_di
     data, _, split = write_data(tmp_path)
     shutil.copy(split, model / "split.json")
     assert bf16_tail.main(["--model", str(model), "--data", f"d={data.parent / 'd'}", "--seconds", "0.1"]) == 0
-    rows = json.loads(capsys.readouterr().out)["rows"]
+    report = json.loads(capsys.readouterr().out)
+    rows = report["rows"]
+    assert set(report["split"]) == {f"front {f}, tail {t}" for f in ("f32", "bf16") for t in ("f32", "bf16")}
+    assert report["split"]["front f32, tail f32"]["dice_min"] == 1.0  # the split model is the whole model
     assert rows["bf16"]["fp32_nodes"] == 0
     # the U-Net's last convolution comes before the mask decoder: its tail holds the decoder's
     assert 0 < rows["bf16, mask decoder fp32"]["fp32_nodes"] < rows["bf16, after the U-Net fp32"]["fp32_nodes"]

@@ -6,7 +6,11 @@ Compiles the checkpoint's ONNX export three times with `INFERENCE_PRECISION_HINT
 with every node downstream of the mask decoder's first convolution kept fp32, and with every node
 downstream of the U-Net's last convolution kept fp32 (OpenVINO keeps a node marked with the
 `disable_fp16_compression` runtime attribute in its original precision under bf16 too). For each:
-per-frame Dice of the thresholded masks against OpenVINO fp32 on the checkpoint's validation
+Then, since that marking does not survive OpenVINO 2026.4's compilation (the runtime model still
+runs every convolution in bf16), the model split in two ONNX files instead: the front
+(`single_step`: encoder and U-Net, image -> z_c, z0) and the tail (`_gated`: mask decoder and
+presence head -> probability), each compiled at its own precision, every combination scored.
+Both parts: per-frame Dice of the thresholded masks against OpenVINO fp32 on the checkpoint's validation
 images (split.json `val`), how many frames fall below 0.99, how many convolutions the compiled
 model runs in bf16 (its runtime model: whether the marking took effect), and model frames a second
 on --threads threads (batch 4, one infer request, one window per row: a rough figure, not the
@@ -22,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_paths import DATA, validation_images  # noqa: E402
@@ -44,6 +49,53 @@ def downstream(model, start: str) -> set[str]:
         if any(i.get_source_output().get_node().get_friendly_name() in marked for i in op.inputs()):
             marked.add(op.get_friendly_name())
     return marked - {start}
+
+
+class Front(torch.nn.Module):
+    def __init__(self, seg):
+        super().__init__()
+        self.seg = seg
+
+    def forward(self, image):
+        return self.seg.single_step(image)
+
+
+class Tail(torch.nn.Module):
+    def __init__(self, seg):
+        super().__init__()
+        self.seg = seg
+
+    def forward(self, z_c, z0):
+        return self.seg._gated(z_c, z0)
+
+
+def split_rows(seg, x: np.ndarray, ref: np.ndarray, core, threads: int, folder: Path) -> dict:
+    """Front and tail as two models, each at f32 or bf16: which part's bf16 moves the masks."""
+    image = torch.zeros(4, 3, seg.config.image_size, seg.config.image_size)
+    with torch.no_grad():
+        z_c, z0 = seg.single_step(image)
+        torch.onnx.export(Front(seg), (image,), str(folder / "front.onnx"), input_names=["image"],
+                          output_names=["z_c", "z0"], dynamic_axes={"image": {0: "b"}}, dynamo=False, opset_version=17)
+        torch.onnx.export(Tail(seg), (z_c, z0), str(folder / "tail.onnx"), input_names=["z_c", "z0"],
+                          output_names=["prob"], dynamic_axes={"z_c": {0: "b"}, "z0": {0: "b"}}, dynamo=False,
+                          opset_version=17)
+    compiled = {(part, prec): core.compile_model(core.read_model(str(folder / f"{part}.onnx")), "CPU", {
+        "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": prec})
+        for part in ("front", "tail") for prec in ("f32", "bf16")}
+    out = {}
+    for front, tail in (("f32", "f32"), ("bf16", "f32"), ("f32", "bf16"), ("bf16", "bf16")):
+        f, t = compiled["front", front], compiled["tail", tail]
+        probs = []
+        for i in range(0, len(x), 4):
+            r = f({"image": x[i:i + 4]})
+            # by position: a model without a presence head never reads z_c, and its export keeps z0 alone
+            feed = [r[f.output("z_c")], r[f.output("z0")]][-len(t.inputs):]
+            probs.append(t(feed)[t.output(0)])
+        scores = np.array([dice(a[0], b[0]) for a, b in zip(np.concatenate(probs) >= seg.config.threshold, ref)])
+        out[f"front {front}, tail {tail}"] = {"dice_min": round(float(scores.min()), 4),
+                                              "dice_mean": round(float(scores.mean()), 4),
+                                              "frames_below_0.99": int((scores < 0.99).sum())}
+    return out
 
 
 def main(argv=None) -> int:
@@ -103,7 +155,8 @@ def main(argv=None) -> int:
         rows[name] = {"fp32_nodes": kept, "dice_min": round(float(scores.min()), 4),
                       "dice_mean": round(float(scores.mean()), 4), "frames_below_0.99": int((scores < 0.99).sum()),
                       "bf16_convolutions": bf16_convolutions(compiled), "fps": round(fps(compiled), 1)}
-    print(json.dumps({"validation_images": len(val), "threads": args.threads, "rows": rows}, indent=1))
+    split = split_rows(seg, x, ref, core, args.threads, Path(path).parent)
+    print(json.dumps({"validation_images": len(val), "threads": args.threads, "rows": rows, "split": split}, indent=1))
     return 0
 
 
