@@ -305,22 +305,19 @@ class ChannelBatchNorm(nn.modules.batchnorm._BatchNorm):
 def use_batch_norm(module: nn.Module) -> None:
     """Replace every GroupNorm under `module` by a ChannelBatchNorm of the same channels and eps.
     Neither draws from the random generator, so the other weights' seeded values are unchanged."""
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.GroupNorm):
-                setattr(parent, name, ChannelBatchNorm(child.num_channels, eps=child.eps, affine=child.affine))
+    replace_modules(module, nn.GroupNorm, lambda gn: ChannelBatchNorm(gn.num_channels, eps=gn.eps, affine=gn.affine))
 
 
 def activation(name: str) -> nn.Module:
     return nn.ReLU() if name == "relu" else nn.SiLU()
 
 
-def replace_modules(module: nn.Module, kind: type, make) -> None:
-    """Every `kind` under `module` replaced by `make()` (for parameter-free modules: no draw)."""
+def replace_modules(module: nn.Module, kind, make) -> None:
+    """Every `kind` (a type or a tuple of types) under `module` replaced, in place, by `make(old)`."""
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, kind):
-                setattr(parent, name, make())
+                setattr(parent, name, make(child))
 
 
 def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -403,7 +400,7 @@ class Segmenter(nn.Module):
             for part in (self.mask_vae, self.vision_encoder, self.unet):
                 use_batch_norm(part)
         if cfg.act != "silu":  # diffusers hard-codes SiLU before each output convolution: those too
-            replace_modules(self, nn.SiLU, lambda: activation(cfg.act))
+            replace_modules(self, nn.SiLU, lambda _: activation(cfg.act))
         # built after the others, so that adding it leaves their seeded initial weights unchanged
         self.presence = PresenceHead(cfg) if cfg.presence_head else None
         # and without a draw from the global generator: stage 1 and stage 2 then run as without it

@@ -36,18 +36,15 @@ from syndiff_stream.backends import (OnnxBackend, OrtOptions, drop_unit_reductio
                                      ort_graph_ops)
 from syndiff_stream.benchmark import throughput
 from syndiff_stream.machine import cpu_facts, matmul_probes, model_flops
-from syndiff_stream.model import Segmenter, batch_norms, default_checkpoint_path
+from syndiff_stream.model import Segmenter, batch_norms, default_checkpoint_path, replace_modules
 
 UNFUSED_SILU = ("QuickGeluFusion",)
 
 
-def replaced(seg: Segmenter, kind: type, make) -> Segmenter:
-    """A copy with every `kind` module replaced by `make()`."""
+def replaced(seg: Segmenter, kind, make) -> Segmenter:
+    """A copy with every `kind` module (a type or a tuple of types) replaced by `make()`."""
     seg = copy.deepcopy(seg)
-    for name, module in list(seg.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, kind):
-                setattr(module, child_name, make())
+    replace_modules(seg, kind, lambda _: make())
     return seg
 
 
@@ -55,8 +52,7 @@ def variants(seg: Segmenter) -> dict[str, tuple[Segmenter, str, tuple[str, ...]]
     """name -> (model, export graph, ORT optimisers disabled). The first row is the export before
     the time-embedding fold (`backends.fold_time_embedding`): the stem folded, the embedding per frame."""
     norm = "BatchNorm" if seg.config.norm == "batch" else "GroupNorm"
-    no_norm = replaced(replaced(seg, torch.nn.GroupNorm, torch.nn.Identity), torch.nn.modules.batchnorm._BatchNorm,
-                       torch.nn.Identity)
+    no_norm = replaced(seg, (torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm), torch.nn.Identity)
     rows = {"shipped, time embedding per frame": (fold_stem(seg), "plain", ()),
             f"shipped ({norm} + SiLU)": (seg, "fused", ()),
             "norms removed, SiLU": (no_norm, "fused", ()),
