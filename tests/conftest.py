@@ -29,6 +29,13 @@ def rt_make_tiny_segmenter(seed: int = 0, **overrides) -> Segmenter:
     return Segmenter(preset_config("compact", **{**RT_TINY_CONFIG, **overrides})).eval()
 
 
+@pytest.fixture
+def rt_make_segmenter():
+    """rt_make_tiny_segmenter for use inside a test: there the module name `conftest` may already
+    belong to tests/trainer's conftest, so a late `from conftest import` gets the wrong one."""
+    return rt_make_tiny_segmenter
+
+
 @pytest.fixture(scope="session")
 def rt_tiny_model_dir(tmp_path_factory):
     """Checkpoint folder of a random tiny segmenter (config.json + model.safetensors)."""

@@ -30,10 +30,8 @@ def test_copies_lose_their_norms_and_the_original_keeps_them(rt_tiny_segmenter):
     assert norms["BatchNorm (norm = batch)"] == 0 and len(batch_norms(bn)) == norms["shipped (GroupNorm + SiLU)"]
 
 
-def test_a_batch_norm_checkpoint_gets_rows_of_its_own():
-    from conftest import rt_make_tiny_segmenter
-
-    rows = norm_headroom.variants(rt_make_tiny_segmenter(0, norm="batch"))
+def test_a_batch_norm_checkpoint_gets_rows_of_its_own(rt_make_segmenter):
+    rows = norm_headroom.variants(rt_make_segmenter(0, norm="batch"))
     assert "shipped (BatchNorm + SiLU)" in rows and "BatchNorm (norm = batch)" not in rows
     assert batch_norms(rows["shipped (BatchNorm + SiLU)"][0]) and not batch_norms(rows["norms removed, SiLU"][0])
     assert batch_norms(rows["BatchNorm + ReLU (SiLU -> ReLU, retrained)"][0])
