@@ -63,6 +63,11 @@ class Stats:
     latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
     # per inference call, submit -> result: what one frame (batch) costs the model, in flight
     model_latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
+    # capture -> inference call submitted (decode, preprocess, the buffer's wait) and the finishing
+    # stage's own time (guard, smoother, polyps): with model_latencies they place a latency
+    # percentile (latency = wait + model call + the collect queue + finish)
+    waits: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
+    finishes: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
     # gaps between consecutive capture times: the source's arrival jitter (bursts show as a p50 near
     # zero with a p95 of several frame intervals)
     inter_arrival: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
@@ -85,6 +90,7 @@ class Stats:
             "e2e_fps": self._rate(self.frames_out, self.wall_s),
             "latency_ms": self._percentiles(self.latencies),
             "model_call_ms": self._percentiles(self.model_latencies),
+            "wait_ms": self._percentiles(self.waits), "finish_ms": self._percentiles(self.finishes),
             "inter_arrival_ms": self._percentiles(self.inter_arrival),
             "dropped": self.dropped, "dropped_late": self.dropped_late, "dropped_capacity": self.dropped_capacity,
             "latency_budget_ms": None if self.latency_budget_s is None else round(self.latency_budget_s * 1000, 1),
@@ -207,6 +213,8 @@ class Pipeline:
                     if i and not self._take_slot():
                         return
                     items = list(same_shape)
+                    submitted = time.time()
+                    self.stats.waits.extend(submitted - item.frame.capture_time for item in items)
                     t0 = time.perf_counter()
                     self._pending.put((items, self.runner.submit(items), t0))
         except BaseException as exc:
@@ -283,7 +291,9 @@ class Pipeline:
                 if entry is _END or (entry is None and not threads[-1].is_alive() and self.results.empty()):
                     break
                 if entry is not None:
+                    t0 = time.perf_counter()
                     result = self._finish(*entry)
+                    stats.finishes.append(time.perf_counter() - t0)
                     for sink in self.sinks:
                         sink.write(result)
                     stats.frames_out += 1

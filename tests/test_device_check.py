@@ -32,6 +32,7 @@ def test_device_check_runs_on_cpu(rt_tiny_model_dir, tmp_path):
     assert row["variant"] == "eager:fp32" and row["size"] == "90x72" and row["runner"] == "HostRunner"
     assert row["parity_dice_min"] == 1.0  # the reference path itself: identical masks
     assert set(row["live_latency_ms"]) == {"p50", "p95", "p99"} and row["live_frames"] == 3
+    assert set(row["live_parts_ms"]) == {"wait_ms", "model_call_ms", "finish_ms"}
     assert {"recorded_e2e_fps", "recorded_model_fps", "plain_loop_fps"} <= set(row)
     assert row["graphs_compiled"] == {"warmup": 0, "parity": 0, "recorded": 0, "live": 0}  # eager builds none
     (preset,) = report["presets"]

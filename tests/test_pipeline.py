@@ -85,6 +85,20 @@ def test_max_frames_and_stats(rt_tiny_segmenter):
     assert set(d["latency_ms"]) == {"p50", "p95", "p99"}
 
 
+def test_latency_splits_into_wait_model_call_and_finish(rt_tiny_segmenter):
+    """Every frame's latency is its wait before the call, the call and the finish (plus the short
+    hand-over queues): the parts are measured separately, so each is at most the whole."""
+    stats = Pipeline(DemoSource(size=(72, 90), realtime=False, frames=12), SlowBackend(rt_tiny_segmenter),
+                     mode=Mode.RECORDED, batch_size=1).run()
+    d = stats.as_dict()
+    assert len(stats.waits) == len(stats.finishes) == 12
+    assert d["model_call_ms"]["p50"] >= 30  # the backend's sleep
+    for part in ("wait_ms", "finish_ms", "model_call_ms"):
+        assert set(d[part]) == {"p50", "p95", "p99"} and 0 <= d[part]["p50"] <= d["latency_ms"]["p99"]
+    per_frame = [w + m + f for w, m, f in zip(stats.waits, stats.model_latencies, stats.finishes)]
+    assert max(per_frame) <= max(stats.latencies) + 0.005 and min(per_frame) >= 0.03
+
+
 class Broken(Source):
     def __iter__(self):
         yield Frame(np.zeros((40, 40, 3), np.uint8), "broken", 0, 0.0)

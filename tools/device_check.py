@@ -10,7 +10,7 @@ For every frame size and variant (backend x precision) it measures, on the demo 
               pinned buffers, three streams) and of a plain loop (prepare on the CPU, upload,
               infer, download, one frame at a time), after warm-up, the device synchronised
   live        capture-to-mask latency p50/p95/p99 and drops in live mode, batch 1, the source paced
-              at --live-fps
+              at --live-fps, and its parts (wait before the call, the call, finishing)
   presets     (--presets) model time alone per preset, batch 1, fp32 and fp16: the Pareto table's
               GPU column
 Variants: eager | compile (inductor) | cudagraphs (inductor, mode reduce-overhead: CUDA graphs),
@@ -122,7 +122,10 @@ def measure(spec: str, seg: Segmenter, device: str, size, reference: list[np.nda
         "recorded_e2e_fps": recorded["e2e_fps"], "recorded_model_fps": recorded["model_fps"],
         "runner": "CudaRunner" if backend.device.type == "cuda" else "HostRunner",
         "plain_loop_fps": plain_loop_fps(backend, size, args.frames),
-        "live_fps": args.live_fps, "live_latency_ms": live["latency_ms"], "live_dropped": live["dropped"],
+        "live_fps": args.live_fps, "live_latency_ms": live["latency_ms"],
+        # where a live percentile goes: capture -> call (decode, preprocess, buffer), the call, finishing
+        "live_parts_ms": {k: live[k] for k in ("wait_ms", "model_call_ms", "finish_ms")},
+        "live_dropped": live["dropped"],
         "live_frames": live["frames"],
     }
 
