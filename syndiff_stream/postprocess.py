@@ -57,6 +57,21 @@ def components(mask: np.ndarray) -> Components:
     return Components(n, labels, stats, box)
 
 
+def component_means(cc: Components, prob: np.ndarray) -> np.ndarray:
+    """Mean of `prob` over each component's pixels (index 0, the background, left 0).
+
+    Each component is averaged inside its own box with OpenCV's masked mean: at 1920x1080, with
+    a polyp over a third of the frame, a bincount over the labelled pixels took 4.8 ms of a 12 ms
+    `find_polyps` (the two boolean gathers), this 1 ms."""
+    out = np.zeros(cc.count)
+    rows, cols = cc.box
+    for k, (x, y, w, h) in enumerate(cc.stats[1:, :4], start=1):
+        local = (slice(y - rows.start, y - rows.start + h), slice(x - cols.start, x - cols.start + w))
+        own = (cc.labels[cc.box][local] == k).view(np.uint8)
+        out[k] = cv2.mean(prob[y:y + h, x:x + w], mask=own)[0]
+    return out
+
+
 def find_polyps(mask: np.ndarray, prob: np.ndarray | None = None) -> list[Polyp]:
     """Bool mask (H, W) and its probability map -> polyps, largest first.
 
@@ -67,10 +82,7 @@ def find_polyps(mask: np.ndarray, prob: np.ndarray | None = None) -> list[Polyp]
         return []
     cc = components(mask)
     inside = mask[cc.box]
-    # Sum probabilities over mask pixels only: polyps cover a few percent of the frame, so this is
-    # ~15x cheaper than a bincount over every pixel (3.3 -> 0.2 ms at 720x576).
-    scores = (np.bincount(cc.labels[cc.box][inside], weights=prob[cc.box][inside], minlength=cc.count)
-              / np.maximum(cc.stats[:, cv2.CC_STAT_AREA], 1)) if prob is not None else np.ones(cc.count)
+    scores = component_means(cc, prob) if prob is not None else np.ones(cc.count)
     # CCOMP puts the outer boundary of every component at the top level, including components that
     # sit inside another one's hole (which RETR_EXTERNAL would skip).
     rows, cols = cc.box

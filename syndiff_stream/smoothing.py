@@ -86,9 +86,20 @@ class SmoothingConfig:
         return ", ".join(parts + (["support"] if self.support else []) + [f"min area {self.min_area}"])
 
 
+def shrink(gray: np.ndarray, width: int, height: int) -> np.ndarray:
+    """INTER_AREA down to (width, height), halving first while the image is still more than twice
+    as large: OpenCV's area resize has a fast path for exactly 2x and a slow general one, which at
+    1920x1080 took 2.5-3.7 ms a thumbnail (most of the smoother's time at that size) against
+    about 0.3 ms this way. Both are box averages; they differ by each halving's rounding (at most two
+    grey levels, half a level on average at 1920x1080), the same for every frame a cut compares."""
+    while gray.shape[1] >= 4 * width and gray.shape[0] >= 4 * height:
+        gray = cv2.resize(gray, (gray.shape[1] // 2, gray.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    return cv2.resize(gray, (width, height), interpolation=cv2.INTER_AREA)
+
+
 def thumbnail(image: np.ndarray) -> np.ndarray:
     gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
-    return cv2.resize(gray, (THUMB, THUMB), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+    return shrink(gray, THUMB, THUMB).astype(np.float32) / 255
 
 
 def remove_small(mask: np.ndarray, min_pixels: float, support: np.ndarray | None = None) -> np.ndarray:
@@ -114,7 +125,7 @@ def flow_gray(image: np.ndarray, fov: FieldOfView, size: int) -> np.ndarray:
     """The field of view as a `size` x `size` uint8 grey thumbnail (what the flow is computed on)."""
     crop = image[fov.y0:fov.y1, fov.x0:fov.x1]
     gray = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY) if crop.ndim == 3 else crop
-    return cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA)
+    return shrink(gray, size, size)
 
 
 class Motion:

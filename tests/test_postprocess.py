@@ -3,7 +3,7 @@ import numpy as np
 import cv2
 import pytest
 
-from syndiff_stream.postprocess import components, find_polyps
+from syndiff_stream.postprocess import component_means, components, find_polyps
 
 
 def test_one_record_per_component_largest_first():
@@ -63,3 +63,20 @@ def test_outlines_are_at_frame_coordinates():
     (polyp,) = find_polyps(mask, mask.astype(np.float32))
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     assert (polyp.contour == contours[0].reshape(-1, 2)).all()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_component_means_equal_a_bincount_over_the_labels(seed):
+    """Each component's own box and mask (ring-and-hole overlaps included) give its mean exactly
+    as a bincount over the whole label image does."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((61, 83)) > 0.8
+    mask[7:40, 9:50] = True
+    mask[12:35, 14:45] = False  # a ring whose box holds other components
+    mask[20:25, 20:30] = seed % 2 == 0
+    prob = rng.random(mask.shape).astype(np.float32)
+    cc = components(mask)
+    sums = np.bincount(cc.labels.ravel(), weights=prob.ravel(), minlength=cc.count)
+    reference = sums / np.maximum(cc.stats[:, cv2.CC_STAT_AREA], 1)
+    means = component_means(cc, prob)
+    assert means[0] == 0 and np.allclose(means[1:], reference[1:], rtol=1e-6, atol=1e-7)

@@ -4,7 +4,7 @@ import pytest
 
 from syndiff_stream.preprocess import FieldOfView, find_field_of_view, prepare_mask, to_source
 from syndiff_stream.smoothing import (Motion, SmoothingConfig, Smoother, evaluate_smoothing, flicker, flow_gray,
-                                     has_false_positive, matched, remove_small, warp)
+                                     has_false_positive, matched, remove_small, shrink, warp)
 from syndiff_stream.sources import DemoSource
 
 FOV = FieldOfView(0, 0, 32, 32)
@@ -207,3 +207,17 @@ def test_the_runtime_takes_a_checkpoints_operating_point():
     assert profile.threshold == 0.7 and profile.smoothing_config(False).min_area == 0.01
     with pytest.raises(ValueError, match="min_area"):
         preset_config("tiny", min_area=1.5)
+
+
+@pytest.mark.parametrize("size", [(1080, 1920), (576, 720), (75, 101)])
+def test_shrink_is_the_area_resize_to_a_grey_level(size):
+    """The halving steps first change rounding only: at most two grey levels from one INTER_AREA
+    resize (under one on average), and exactly it when the image is too small to halve."""
+    rng = np.random.default_rng(0)
+    gray = cv2.GaussianBlur((rng.random(size) * 255).astype(np.uint8), (0, 0), 4)
+    for side in (32, 96):
+        direct = cv2.resize(gray, (side, side), interpolation=cv2.INTER_AREA).astype(int)
+        fast = shrink(gray, side, side).astype(int)
+        assert fast.shape == (side, side) and np.abs(fast - direct).max() <= 2 and np.abs(fast - direct).mean() < 1
+        if size[0] < 4 * side:
+            assert (fast == direct).all()
