@@ -64,10 +64,8 @@ def component_means(cc: Components, prob: np.ndarray) -> np.ndarray:
     a polyp over a third of the frame, a bincount over the labelled pixels took 4.8 ms of a 12 ms
     `find_polyps` (the two boolean gathers), this 1 ms."""
     out = np.zeros(cc.count)
-    rows, cols = cc.box
-    for k, (x, y, w, h) in enumerate(cc.stats[1:, :4], start=1):
-        local = (slice(y - rows.start, y - rows.start + h), slice(x - cols.start, x - cols.start + w))
-        own = (cc.labels[cc.box][local] == k).view(np.uint8)
+    for k, (x, y, w, h) in enumerate(cc.stats[1:, :4], start=1):  # stats and labels at frame coordinates
+        own = (cc.labels[y:y + h, x:x + w] == k).view(np.uint8)
         out[k] = cv2.mean(prob[y:y + h, x:x + w], mask=own)[0]
     return out
 
