@@ -327,15 +327,17 @@ class DemoSource(Source):
     drift across the view (sometimes leaving it), with their true masks. Deterministic by seed.
     With `realtime`, frames leave at `fps` like a live scope (default mode live); without, as fast
     as they render (default mode recorded, for benchmarks). With `loop` N, the first N frames are
-    rendered once and replayed: rendering 1920x1080 takes one core about 30 ms, so a benchmark of
-    a faster path would otherwise time the renderer."""
+    rendered once, here, and replayed: rendering 1920x1080 takes one core about 30 ms, so a benchmark
+    of a faster path would otherwise time the renderer. Rendering them lazily on the first pass put
+    that cost inside the clock after all: a burst of late frames, drops and a p99 set by the
+    renderer (docs/runtime.md, "The pipeline's own share of live latency")."""
 
     kind = "demo"
 
     def __init__(self, size: tuple[int, int] = (576, 720), fps: float = 30.0, seed: int = 0,
                  frames: int | None = None, realtime: bool = True, polyps: int = 2, loop: int | None = None):
         self.size, self.fps, self.seed, self.frames = size, fps, seed, frames
-        self.loop, self._rendered = loop, {}
+        self.loop = loop
         self.source_id = f"demo:{seed}"
         self.default_mode = Mode.LIVE if realtime else Mode.RECORDED
         self.clock = PacedClock(fps if realtime else None)
@@ -367,6 +369,8 @@ class DemoSource(Source):
             freq=rng.uniform(0.15, 0.35, 2), phase=rng.uniform(0, 2 * math.pi, 2), amp=rng.uniform(0.25, 0.45, 2),
             tint=rng.uniform(0.85, 1.05), lobes=rng.uniform(0.05, 0.12), lobe_phase=rng.uniform(0, 2 * math.pi),
         ) for _ in range(polyps)]
+        if loop:  # before any clock starts (see the docstring)
+            self._rendered = {k: self.render(k) for k in range(min(loop, frames or loop))}
 
     def __len__(self) -> int:
         return self.frames or 0
@@ -424,10 +428,7 @@ class DemoSource(Source):
         while self.frames is None or index < self.frames:
             self.clock.wait(index)
             if self.loop:
-                key = index % self.loop
-                if key not in self._rendered:
-                    self._rendered[key] = self.render(key)
-                image, truth = (a.copy() for a in self._rendered[key])  # a stage may draw on its frame
+                image, truth = (a.copy() for a in self._rendered[index % self.loop])  # a stage may draw on it
             else:
                 image, truth = self.render(index)
             yield Frame(image, self.source_id, index, index / self.fps, truth=truth)

@@ -114,3 +114,12 @@ def test_a_looping_demo_replays_its_first_frames_with_fresh_indices():
     replay = iter(DemoSource(size=(48, 64), realtime=False, frames=4, seed=3, loop=3))
     next(replay).image[:] = 0  # a stage drawing on a frame does not change its later replays
     assert np.array_equal([*replay][-1].image, plain[0].image)
+
+
+def test_a_looping_demo_renders_before_any_clock_starts():
+    """Rendering on the first pass put 30 ms a 1920x1080 frame inside a live run's clock: a burst of
+    late frames and a p99 set by the renderer, not the pipeline."""
+    demo = DemoSource(size=(48, 64), realtime=False, frames=9, seed=3, loop=4)
+    demo.render = None  # any render from here on would raise
+    assert [f.index for f in demo] == list(range(9))
+    assert len(DemoSource(size=(48, 64), realtime=False, frames=2, seed=3, loop=4)._rendered) == 2
