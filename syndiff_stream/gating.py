@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .postprocess import Polyp, components
+from .postprocess import Components, Polyp, components
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,15 @@ def _box_intersection(a: tuple, b: tuple) -> int:
     return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
+def own_pixels(cc: Components, label: int, box: tuple) -> np.ndarray:
+    """One component's pixels as a frame-sized mask, compared inside its own box only (at 1920x1080
+    a frame-wide comparison of the labels is an 8 MB pass per polyp)."""
+    x0, y0, x1, y1 = box
+    out = np.zeros(cc.labels.shape, bool)
+    out[y0:y1, x0:x1] = cc.labels[y0:y1, x0:x1] == label
+    return out
+
+
 class AlarmGate:
     """Stateful per-stream gate: feed every frame's (mask, polyps) in order to `update`."""
 
@@ -77,14 +86,16 @@ class AlarmGate:
         """Forget every track (a scene cut, an invalid frame, a new stream)."""
         self.tracks = []
 
-    def update(self, mask: np.ndarray, polyps: list[Polyp]) -> tuple[np.ndarray, list[Polyp]]:
-        """The frame's mask and polyps -> the reported mask and polyps (largest first)."""
+    def update(self, mask: np.ndarray, polyps: list[Polyp],
+               cc: Components | None = None) -> tuple[np.ndarray, list[Polyp]]:
+        """The frame's mask and polyps -> the reported mask and polyps (largest first); `cc`: the
+        mask's labelling where a stage before made it."""
         cfg = self.config
         if cfg.is_off:
             return mask, polyps
         if self.tracks and self.tracks[0].pixels.shape != mask.shape:
             self.reset()  # the source changed size: positions no longer compare
-        components = self._components(mask, polyps)
+        components = self._components(mask, polyps, cc)
         # Match each current polyp to the unmatched track whose last box it overlaps most.
         free = list(self.tracks)
         kept: list[_Track] = []
@@ -115,12 +126,12 @@ class AlarmGate:
         return out, sorted((t.polyp for t in shown), key=lambda p: -p.area)
 
     @staticmethod
-    def _components(mask: np.ndarray, polyps: list[Polyp]) -> list[tuple[Polyp, np.ndarray]]:
+    def _components(mask: np.ndarray, polyps: list[Polyp], cc: Components | None) -> list[tuple[Polyp, np.ndarray]]:
         """Each polyp with its own pixels (8-connected components, as `find_polyps` labels them)."""
         if not polyps:
             return []
         if len(polyps) == 1:
             return [(polyps[0], mask.astype(bool, copy=True))]
-        cc = components(mask)
-        by_box = {(int(x), int(y), int(x + w), int(y + h)): i for i, (x, y, w, h) in enumerate(cc.stats[1:, :4], start=1)}
-        return [(p, cc.labels == by_box[p.box]) for p in polyps]
+        cc = cc or components(mask)
+        by_box = {(int(x), int(y), int(x + w), int(y + h)): k for k, (x, y, w, h) in zip(cc.ids, cc.stats[cc.ids, :4])}
+        return [(p, own_pixels(cc, by_box[p.box], p.box)) for p in polyps]

@@ -88,8 +88,10 @@ def prepare_mask(mask: np.ndarray, fov: FieldOfView, size: int) -> np.ndarray:
 
 
 def to_source(prob: np.ndarray, fov: FieldOfView, height: int, width: int) -> np.ndarray:
-    """Model-resolution probability (S, S) -> probability at source resolution (zero outside the FOV)."""
-    out = np.zeros((height, width), dtype=np.float32)
-    out[fov.y0:fov.y1, fov.x0:fov.x1] = cv2.resize(prob.astype(np.float32), (fov.width, fov.height),
-                                                   interpolation=cv2.INTER_LINEAR)
-    return out
+    """Model-resolution probability (S, S) -> probability at source resolution (zero outside the FOV).
+    The border is written with the resize's output in one pass (not zeros, then a copy into them):
+    at 1920x1080 this map is 8 MB a frame."""
+    inside = cv2.resize(prob.astype(np.float32, copy=False), (fov.width, fov.height), interpolation=cv2.INTER_LINEAR)
+    if (fov.width, fov.height) == (width, height):
+        return inside
+    return cv2.copyMakeBorder(inside, fov.y0, height - fov.y1, fov.x0, width - fov.x1, cv2.BORDER_CONSTANT, value=0)

@@ -36,7 +36,7 @@ import numpy as np
 
 from .frames import Frame
 from .metrics import dice, iou
-from .postprocess import components
+from .postprocess import Components, components
 from .preprocess import FieldOfView, to_source
 
 THUMB = 32  # scene-cut detection compares 32x32 grey thumbnails
@@ -105,18 +105,25 @@ def thumbnail(image: np.ndarray) -> np.ndarray:
 def remove_small(mask: np.ndarray, min_pixels: float, support: np.ndarray | None = None) -> np.ndarray:
     """Drop 8-connected components with fewer than `min_pixels` pixels, and, given a `support`
     mask, those that do not touch it."""
+    return remove_small_components(mask, min_pixels, support)[0]
+
+
+def remove_small_components(mask: np.ndarray, min_pixels: float,
+                            support: np.ndarray | None = None) -> tuple[np.ndarray, Components | None]:
+    """`remove_small`, and the labelling of the mask it returns (None where it labelled nothing), for
+    `find_polyps`: at 1920x1080 with a polyp over a third of the frame, one labelling is 3.5 ms."""
     if (min_pixels <= 1 and support is None) or not mask.any():
-        return mask
+        return mask, None
     cc = components(mask)
     keep = cc.stats[:, cv2.CC_STAT_AREA] >= min_pixels
     if support is not None:
         keep &= np.bincount(cc.labels[cc.box][support[cc.box]], minlength=cc.count) > 0
     keep[0] = False
     if keep[1:].all():  # the usual frame: nothing to remove
-        return mask.astype(bool, copy=False)
+        return mask.astype(bool, copy=False), cc
     out = np.zeros(mask.shape, bool)
     out[cc.box] = keep[cc.labels[cc.box]]
-    return out
+    return out, cc.keep(keep)
 
 
 # ---- motion ------------------------------------------------------------------------------------
@@ -191,6 +198,7 @@ class Smoother:
         self.thumb: np.ndarray | None = None
         self.gray: np.ndarray | None = None  # flow thumbnail of the previous frame
         self.mask: np.ndarray | None = None
+        self.components: Components | None = None  # the labelling of the last mask, where one was made
 
     def is_cut(self, thumb: np.ndarray, fov: FieldOfView) -> bool:
         cfg = self.config
@@ -229,8 +237,8 @@ class Smoother:
         mask = prob_src >= cfg.high
         if prev_mask is not None and cfg.low < cfg.high:
             mask |= prev_mask & (prob_src >= cfg.low)
-        support = to_source(prob, fov, h, w) >= cfg.high if cfg.support else None
-        mask = remove_small(mask, cfg.min_area * fov.width * fov.height, support)
+        support = to_source(prob, fov, h, w) >= cfg.high if cfg.support and mask.any() else None  # else unused
+        mask, self.components = remove_small_components(mask, cfg.min_area * fov.width * fov.height, support)
         self.mask = mask
         return prob_src, mask
 

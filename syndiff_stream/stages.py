@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .allocator import retain_freed_memory
 from .backends import Backend
 from .engine import Prepared, Preprocessor, make_runner
 from .frames import Frame, Result
@@ -46,6 +47,7 @@ class Stages:
 
     def __init__(self, backend: Backend, preprocess: Preprocessor | None = None,
                  smoothing: SmoothingConfig | None = None, gating: GateConfig | None = None):
+        retain_freed_memory()  # frame-sized buffers: reused, not first-touched every frame (allocator.py)
         self.backend = backend
         self.preprocess = preprocess or Preprocessor(backend.input_size, on_device=backend.device.type == "cuda")
         self.smoother = Smoother(smoothing or default_smoothing(False, backend.seg.config))
@@ -94,7 +96,8 @@ class Stages:
         prob_src, mask = self.smoother.update(frame.image, prob, item.fov)
         if self.smoother.cuts != cuts:  # a scene cut: a polyp before it is not the one after it
             self.gate.reset()
-        mask, polyps = self.gate.update(mask, self.find_polyps(mask, prob_src))
+        labelled = self.smoother.components  # the mask's labelling, made once (small-region removal)
+        mask, polyps = self.gate.update(mask, self.find_polyps(mask, prob_src, labelled), labelled)
         return Result(frame, prob_src, mask, polyps, item.fov, time.time() - frame.capture_time)
 
     def __call__(self, frame: Frame) -> Result:

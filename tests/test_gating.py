@@ -110,3 +110,19 @@ def test_profile_sets_gating_and_the_command_line_wins():
     assert gating_config(profile) == GateConfig(persist=5, hold=2)
     assert gating_config(profile, persist=2) == GateConfig(persist=2, hold=2)
     assert gating_config(None) == GateConfig() == Profile().gating.config()  # one default, in gating.py
+
+
+def test_the_labelling_a_stage_made_before_gives_the_gate_what_its_own_does():
+    """With several polyps the gate needs each one's pixels: from the small-region removal's
+    labelling (less what it removed) as from labelling the mask again."""
+    from syndiff_stream.smoothing import remove_small_components
+
+    speck = np.zeros((32, 48), bool)
+    speck[30, 2] = True
+    frames = [blob(10) | blob(30, r=4) | speck, blob(11) | blob(31, r=4), blob(12) | speck, blob(13) | blob(33, r=4)]
+    given, fresh = AlarmGate(GateConfig(persist=2, hold=2)), AlarmGate(GateConfig(persist=2, hold=2))
+    for frame in frames:
+        mask, cc = remove_small_components(frame, 3)
+        a = given.update(mask, find_polyps(mask, None, cc), cc)
+        b = fresh.update(mask, find_polyps(mask))
+        assert np.array_equal(a[0], b[0]) and [p.box for p in a[1]] == [p.box for p in b[1]]

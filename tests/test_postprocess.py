@@ -80,3 +80,26 @@ def test_component_means_equal_a_bincount_over_the_labels(seed):
     reference = sums / np.maximum(cc.stats[:, cv2.CC_STAT_AREA], 1)
     means = component_means(cc, prob)
     assert means[0] == 0 and np.allclose(means[1:], reference[1:], rtol=1e-6, atol=1e-7)
+
+
+def polyp_records(polyps):
+    return [(p.box, p.area, p.score, p.contour.tolist()) for p in polyps]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_labelling_after_small_region_removal_gives_the_polyps_a_fresh_one_does(seed):
+    """`finish` labels a frame once: the removal's labelling, less the components it removed, is
+    the removed mask's labelling (same polyps, scores and outlines as labelling it again)."""
+    from syndiff_stream.smoothing import remove_small_components
+
+    rng = np.random.default_rng(seed)
+    mask = rng.random((61, 83)) > 0.93  # specks, most of them removed
+    mask[7:40, 9:50] = True
+    mask[12:35, 14:45] = False  # a ring around an island
+    mask[20:25, 20:30] = seed % 2 == 0
+    prob = rng.random(mask.shape).astype(np.float32)
+    support = rng.random(mask.shape) > 0.5 if seed % 3 == 0 else None
+    removed, cc = remove_small_components(mask, 2 + seed % 4, support)
+    assert cc is not None and set(cc.ids) < set(range(1, cc.count))  # something was removed
+    assert polyp_records(find_polyps(removed, prob, cc)) == polyp_records(find_polyps(removed, prob))
+    assert [removed.sum()] == [sum(cc.stats[cc.ids, cv2.CC_STAT_AREA])]

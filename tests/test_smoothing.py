@@ -221,3 +221,12 @@ def test_shrink_is_the_area_resize_to_a_grey_level(size):
         assert fast.shape == (side, side) and np.abs(fast - direct).max() <= 2 and np.abs(fast - direct).mean() < 1
         if size[0] < 4 * side:
             assert (fast == direct).all()
+
+
+@pytest.mark.parametrize("fov", [FieldOfView(0, 0, 48, 32), FieldOfView(5, 2, 41, 30), FieldOfView(0, 3, 48, 29)])
+def test_to_source_is_the_resized_map_inside_the_field_of_view_and_zero_outside(fov):
+    prob = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    expected = np.zeros((32, 48), np.float32)
+    expected[fov.y0:fov.y1, fov.x0:fov.x1] = cv2.resize(prob, (fov.width, fov.height), interpolation=cv2.INTER_LINEAR)
+    out = to_source(prob, fov, 32, 48)
+    assert out.dtype == np.float32 and out.shape == (32, 48) and np.array_equal(out, expected)
