@@ -470,10 +470,10 @@ class _GateTap:
         self._reset = True  # a scene cut or an invalid frame: the replay resets here too
         self.gate.reset()
 
-    def update(self, mask, polyps):
-        self.seen.append((_png(mask), polyps, self._reset))
+    def update(self, mask, polyps, cc=None):
+        self.seen.append((_png(mask), polyps, self._reset))  # a replay labels the mask itself: the same gate
         self._reset = False
-        return self.gate.update(mask, polyps)
+        return self.gate.update(mask, polyps, cc)
 
 
 class _Recorder:
