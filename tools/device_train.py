@@ -17,8 +17,9 @@ allow). `session` is the whole lease in one call, so nothing is lost to a second
   1. the SESSION_RUNS below in parallel on the one GPU, each with --time-budget (it measures its
      pace at the end of warm-up and shortens its schedule to fit; its recipe records the steps),
      all on the shipped default's validation split, so their scores compare with its card;
-  2. tools/device_check.py (GPU bench: parity, recorded and live fps, per-preset model time);
-  3. OUT/runs.tar.partN (15 MiB parts), OUT/device-check.json, OUT/session.log.
+  2. tools/device_check.py (GPU bench: parity, recorded and live fps, per-preset model time), then
+     tools/live_budget.py on the same host (the host's own part of a live p99, a stand-in model call);
+  3. OUT/runs.tar.partN (15 MiB parts), OUT/device-check.json, OUT/live-budget.json, OUT/session.log.
 The device call (one, inside its 10 minutes; every checkpoint but the default left out of the tree, docs/training.md):
 
     device run, carry [".device"], timeout_s 590, command:
@@ -208,7 +209,8 @@ def parse_loco(items: list[str]) -> dict[str, tuple[str, int]]:
 
 def session(out: Path, budget: float, check_timeout: float, runs: list[str], recipe: str | None, sets: list[str],
             split: str | None, device: str, check_args: list[str], compile_mode: str = "no", precision: str = "auto",
-            loco_items: list[str] = (), loco_sets: list[str] = (), check_first: bool = False) -> int:
+            loco_items: list[str] = (), loco_sets: list[str] = (), check_first: bool = False,
+            budget_args: list[str] = ()) -> int:
     """The lease in one call: parallel training runs (plain runs and leave-one-centre-out folds), the
     GPU bench before or after them, then the returned files."""
     started = time.time()
@@ -237,6 +239,14 @@ def session(out: Path, budget: float, check_timeout: float, runs: list[str], rec
                 say(f"device check: exit {done.returncode}")
             except subprocess.TimeoutExpired:
                 say(f"device check: stopped after {check_timeout:.0f} s (rows so far in device-check.log)")
+        # the host's part of the live p99, on this host's cores: what device_check's live rows leave to the GPU
+        host = [sys.executable, str(ROOT / "tools" / "live_budget.py"), *budget_args]
+        with (out / "live-budget.json").open("w") as report, (out / "live-budget.log").open("w") as rows:
+            try:
+                done = subprocess.run(host, stdout=report, stderr=rows, timeout=check_timeout)
+                say(f"live budget: exit {done.returncode}")
+            except subprocess.TimeoutExpired:
+                say(f"live budget: stopped after {check_timeout:.0f} s (rows so far in live-budget.log)")
 
     install_wheels()
     from syndiff_stream.model import default_checkpoint_path
@@ -368,6 +378,8 @@ def main() -> None:
     # CUDA graphs first: on the H200 eager mode was launch-bound (docs/runtime.md)
     s.add_argument("--check-args", default="--sizes 1920x1080,720x576 --frames 200 --variants cudagraphs:fp16,"
                    "compile:fp16,eager:fp32 --presets tiny,compact,large", help="device_check.py's arguments")
+    s.add_argument("--budget-args", default="--size 1920x1080 --fps 60 --model-ms 0,5,10 --backend eager",
+                   help="tools/live_budget.py's arguments (run after the check)")
     u = sub.add_parser("unpack")
     u.add_argument("folder", type=Path)
     u.add_argument("dest", type=Path)
@@ -383,7 +395,7 @@ def main() -> None:
     elif args.cmd == "session":
         sys.exit(session(args.out, args.budget, args.check_timeout, [r for r in args.runs.split(",") if r],
                          args.recipe, args.sets, args.split, args.device, args.check_args.split(), args.compile,
-                         args.precision, args.loco, args.loco_set, args.check_first))
+                         args.precision, args.loco, args.loco_set, args.check_first, args.budget_args.split()))
     else:
         unpack(args.folder, args.dest)
 

@@ -65,10 +65,14 @@ def test_the_whole_session_on_cpu_returns_runs_and_the_device_check(kvasir_subse
     done = run("session", "--out", tmp_path / "OUT", "--recipe", recipe, "--runs", "default,seed-1", "--split", "",
                "--device", "cpu", "--budget", "120", "--check-args",
                f"--model {rt_tiny_model_dir} --sizes 90x72 --variants eager:fp32 --frames 2 --parity-frames 1 "
-               "--presets tiny --preset-iters 2")
+               "--presets tiny --preset-iters 2", "--budget-args",
+               f"--model {rt_tiny_model_dir} --size 96x72 --fps 100 --frames 10 --model-ms 2 --backend eager")
     returned = sorted(p.name for p in (tmp_path / "OUT").iterdir())
-    assert returned == ["device-check.json", "device-check.log", "runs.tar.part0", "session.log"], done.stdout
+    assert returned == ["device-check.json", "device-check.log", "live-budget.json", "live-budget.log",
+                        "runs.tar.part0", "session.log"], done.stdout
     assert json.loads((tmp_path / "OUT" / "device-check.json").read_text())["presets"][0]["preset"] == "tiny"
+    budget = json.loads((tmp_path / "OUT" / "live-budget.json").read_text())
+    assert budget["size"] == "96x72" and {r["setting"] for r in budget["rows"]} == {"device_check", "run"}
     run("unpack", tmp_path / "OUT", tmp_path / "runs")
     for name in ("default", "seed-1"):
         assert {v.dtype for v in load_file(tmp_path / "runs" / name / "model.safetensors").values()} <= {
@@ -96,7 +100,8 @@ groups = "none"
     assert len(list((tmp_path / "pack" / "polyp-free" / "free-val" / "images").iterdir())) == 3
     done = run("session", "--out", tmp_path / "OUT", "--runs", "", "--loco", f"bn={recipe}@1", "--check-first",
                "--device", "cpu", "--budget", "200", "--check-args",
-               f"--model {rt_tiny_model_dir} --sizes 90x72 --variants eager:fp32 --frames 2 --parity-frames 1")
+               f"--model {rt_tiny_model_dir} --sizes 90x72 --variants eager:fp32 --frames 2 --parity-frames 1",
+               "--budget-args", f"--model {rt_tiny_model_dir} --size 96x72 --frames 5 --model-ms 0 --backend eager")
     log = (tmp_path / "OUT" / "session.log").read_text()
     assert log.index("device check: exit 0") < log.index("loco folds"), log  # the bench ran alone, first
     import io
