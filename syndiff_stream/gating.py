@@ -132,6 +132,6 @@ class AlarmGate:
             return []
         if len(polyps) == 1:
             return [(polyps[0], mask.astype(bool, copy=True))]
-        cc = cc or components(mask)
+        cc = components(mask) if cc is None else cc
         by_box = {(int(x), int(y), int(x + w), int(y + h)): k for k, (x, y, w, h) in zip(cc.ids, cc.stats[cc.ids, :4])}
         return [(p, own_pixels(cc, by_box[p.box], p.box)) for p in polyps]

@@ -95,7 +95,7 @@ def find_polyps(mask: np.ndarray, prob: np.ndarray | None = None, cc: Components
     mask = mask.astype(bool, copy=False)
     if not mask.any():
         return []
-    cc = cc or components(mask)
+    cc = components(mask) if cc is None else cc
     inside = mask[cc.box]
     scores = component_means(cc, prob) if prob is not None else np.ones(cc.count)
     # CCOMP puts the outer boundary of every component at the top level, including components that
