@@ -92,6 +92,19 @@ def to_source(prob: np.ndarray, fov: FieldOfView, height: int, width: int) -> np
     The border is written with the resize's output in one pass (not zeros, then a copy into them):
     at 1920x1080 this map is 8 MB a frame."""
     inside = cv2.resize(prob.astype(np.float32, copy=False), (fov.width, fov.height), interpolation=cv2.INTER_LINEAR)
+    return _bordered(inside, fov, height, width)
+
+
+def to_source_mask(prob: np.ndarray, fov: FieldOfView, height: int, width: int, threshold: float) -> np.ndarray:
+    """`to_source(...) >= threshold` for a threshold above 0, thresholded inside the field of view and
+    bordered as one byte a pixel instead of four (the smoother's support map, every frame)."""
+    if not threshold > 0:
+        return to_source(prob, fov, height, width) >= threshold
+    inside = cv2.resize(prob.astype(np.float32, copy=False), (fov.width, fov.height), interpolation=cv2.INTER_LINEAR)
+    return _bordered((inside >= threshold).view(np.uint8), fov, height, width).view(bool)
+
+
+def _bordered(inside: np.ndarray, fov: FieldOfView, height: int, width: int) -> np.ndarray:
     if (fov.width, fov.height) == (width, height):
         return inside
     return cv2.copyMakeBorder(inside, fov.y0, height - fov.y1, fov.x0, width - fov.x1, cv2.BORDER_CONSTANT, value=0)

@@ -37,7 +37,7 @@ import numpy as np
 from .frames import Frame
 from .metrics import dice, iou
 from .postprocess import Components, components
-from .preprocess import FieldOfView, to_source
+from .preprocess import FieldOfView, to_source, to_source_mask
 
 THUMB = 32  # scene-cut detection compares 32x32 grey thumbnails
 
@@ -240,7 +240,7 @@ class Smoother:
         mask = prob_src >= cfg.high
         if prev_mask is not None and cfg.low < cfg.high:
             mask |= prev_mask & (prob_src >= cfg.low)
-        support = to_source(prob, fov, h, w) >= cfg.high if cfg.support and mask.any() else None  # else unused
+        support = to_source_mask(prob, fov, h, w, cfg.high) if cfg.support and mask.any() else None  # else unused
         mask, self.components = remove_small_components(mask, cfg.min_area * fov.width * fov.height, support)
         self.mask = mask
         return prob_src, mask

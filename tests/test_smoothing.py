@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from syndiff_stream.preprocess import FieldOfView, find_field_of_view, prepare_mask, to_source
+from syndiff_stream.preprocess import FieldOfView, find_field_of_view, prepare_mask, to_source, to_source_mask
 from syndiff_stream.smoothing import (Motion, SmoothingConfig, Smoother, evaluate_smoothing, flicker, flow_gray,
                                      has_false_positive, matched, remove_small, shrink, warp)
 from syndiff_stream.sources import DemoSource
@@ -244,3 +244,6 @@ def test_to_source_is_the_resized_map_inside_the_field_of_view_and_zero_outside(
     expected[fov.y0:fov.y1, fov.x0:fov.x1] = cv2.resize(prob, (fov.width, fov.height), interpolation=cv2.INTER_LINEAR)
     out = to_source(prob, fov, 32, 48)
     assert out.dtype == np.float32 and out.shape == (32, 48) and np.array_equal(out, expected)
+    for threshold in (0.5, 0.0):  # the support map: thresholded inside, bordered as bytes
+        support = to_source_mask(prob, fov, 32, 48, threshold)
+        assert support.dtype == bool and np.array_equal(support, expected >= threshold)
