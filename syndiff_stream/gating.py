@@ -69,8 +69,8 @@ def own_pixels(cc: Components, label: int, box: tuple) -> np.ndarray:
     """One component's pixels as a frame-sized mask, compared inside its own box only (at 1920x1080
     a frame-wide comparison of the labels is an 8 MB pass per polyp)."""
     x0, y0, x1, y1 = box
-    out = np.zeros(cc.labels.shape, bool)
-    out[y0:y1, x0:x1] = cc.labels[y0:y1, x0:x1] == label
+    out = np.zeros(cc.shape, bool)
+    out[y0:y1, x0:x1] = cc.window(x0, y0, x1 - x0, y1 - y0) == label
     return out
 
 

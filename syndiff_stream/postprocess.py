@@ -28,18 +28,39 @@ class Polyp:
 
 @dataclass(frozen=True)
 class Components:
-    """8-connected components of a mask, as `cv2.connectedComponentsWithStats` numbers them."""
+    """8-connected components of a mask, as `cv2.connectedComponentsWithStats` numbers them.
+
+    Labels are kept for the mask's bounding box only (`box`, which holds every component): a
+    frame-sized label image at 1920x1080 is 8 MB to clear and fill, a quarter of labelling a polyp
+    over a third of the frame. `window` and `label_at` read them at frame coordinates."""
 
     count: int  # labels, with the background, label 0
-    labels: np.ndarray  # int32 (H, W)
+    box_labels: np.ndarray  # int32 labels of the pixels inside `box`
     stats: np.ndarray  # (count, 5) CC_STAT rows at frame coordinates, by label; row 0 is the background
-    box: tuple[slice, slice]  # rows and columns that hold every component: index inside it, not the frame
+    box: tuple[slice, slice]  # rows and columns that hold every component, at frame coordinates
+    shape: tuple[int, int]  # the mask's (H, W)
     kept: np.ndarray | None = None  # the labels still in the mask (`keep`); None: all of 1..count-1
 
     @property
     def ids(self) -> np.ndarray:
         """Labels of the mask's components, in label order."""
         return np.arange(1, self.count) if self.kept is None else self.kept
+
+    def window(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """The labels of the frame's window at (x, y), w x h, which lies inside `box` (a component's
+        own box from `stats` does)."""
+        rows, cols = self.box
+        return self.box_labels[y - rows.start:y - rows.start + h, x - cols.start:x - cols.start + w]
+
+    def label_at(self, x: int, y: int) -> int:
+        return int(self.window(x, y, 1, 1)[0, 0])
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The frame-sized label image, made on demand (0 outside `box`)."""
+        out = np.zeros(self.shape, np.int32)
+        out[self.box] = self.box_labels
+        return out
 
     def keep(self, keep: np.ndarray) -> "Components":
         """The same labelling after the components where `keep` (a bool per label) is False left the
@@ -51,24 +72,22 @@ class Components:
 
 
 def components(mask: np.ndarray) -> Components:
-    """Labelled inside the mask's bounding box only: polyps cover a few percent of a frame, and
-    `finish` labels each frame twice (small-region removal, polyps), so at 720x576 this costs a
-    third of labelling the whole frame."""
+    """Labelled inside the mask's bounding box only: polyps cover a few percent of a frame, so at
+    720x576 this costs a third of labelling the whole frame."""
     mask_u8 = mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8, copy=False)
     height, width = mask.shape
-    labels = np.zeros((height, width), np.int32)
     x, y, w, h = cv2.boundingRect(mask_u8)
     if w == 0 or h == 0:
-        return Components(1, labels, np.array([[0, 0, width, height, height * width]], np.int32),
-                          (slice(0, 0), slice(0, 0)))
+        return Components(1, np.zeros((0, 0), np.int32), np.array([[0, 0, width, height, height * width]], np.int32),
+                          (slice(0, 0), slice(0, 0)), (height, width))
     # OpenCV labels 2x2 blocks from the top-left: an even origin numbers components as the full frame does
     w, h, x, y = w + x % 2, h + y % 2, x - x % 2, y - y % 2
     box = (slice(y, y + h), slice(x, x + w))
-    n, labels[box], stats, _ = cv2.connectedComponentsWithStats(mask_u8[box], connectivity=8)
+    n, box_labels, stats, _ = cv2.connectedComponentsWithStats(mask_u8[box], connectivity=8)
     stats[1:, cv2.CC_STAT_LEFT] += x
     stats[1:, cv2.CC_STAT_TOP] += y
     stats[0] = (0, 0, width, height, height * width - stats[1:, cv2.CC_STAT_AREA].sum())
-    return Components(n, labels, stats, box)
+    return Components(n, box_labels, stats, box, (height, width))
 
 
 def component_means(cc: Components, prob: np.ndarray) -> np.ndarray:
@@ -79,8 +98,8 @@ def component_means(cc: Components, prob: np.ndarray) -> np.ndarray:
     `find_polyps` (the two boolean gathers), this 1 ms."""
     out = np.zeros(cc.count)
     for k in cc.ids:
-        x, y, w, h = cc.stats[k, :4]  # stats and labels at frame coordinates
-        own = (cc.labels[y:y + h, x:x + w] == k).view(np.uint8)
+        x, y, w, h = cc.stats[k, :4]  # at frame coordinates
+        own = (cc.window(x, y, w, h) == k).view(np.uint8)
         out[k] = cv2.mean(prob[y:y + h, x:x + w], mask=own)[0]
     return out
 
@@ -107,7 +126,7 @@ def find_polyps(mask: np.ndarray, prob: np.ndarray | None = None, cc: Components
     for contour, (_, _, _, parent) in zip(contours, hierarchy[0]):
         if parent < 0:
             x, y = contour[0, 0]
-            outline[int(cc.labels[y, x])] = contour.reshape(-1, 2)
+            outline[cc.label_at(x, y)] = contour.reshape(-1, 2)
     polyps = [Polyp((int(x), int(y), int(x + w), int(y + h)), int(area), float(scores[k]), outline[k])
               for k, (x, y, w, h, area) in zip(cc.ids, cc.stats[cc.ids, :5])]
     return sorted(polyps, key=lambda p: -p.area)

@@ -120,12 +120,12 @@ def remove_small_components(mask: np.ndarray, min_pixels: float,
     cc = components(mask)
     keep = cc.stats[:, cv2.CC_STAT_AREA] >= min_pixels
     if support is not None:
-        keep &= np.bincount(cc.labels[cc.box][support[cc.box]], minlength=cc.count) > 0
+        keep &= np.bincount(cc.box_labels[support[cc.box]], minlength=cc.count) > 0
     keep[0] = False
     if keep[1:].all():  # the usual frame: nothing to remove
         return mask.astype(bool, copy=False), cc
     out = np.zeros(mask.shape, bool)
-    out[cc.box] = np.take(keep, cc.labels[cc.box])  # half the time of keep[labels] (2.2 ms at 1080p)
+    out[cc.box] = np.take(keep, cc.box_labels)  # half the time of keep[labels] (2.2 ms at 1080p)
     return out, cc.keep(keep)
 
 
