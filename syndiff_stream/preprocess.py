@@ -91,8 +91,7 @@ def to_source(prob: np.ndarray, fov: FieldOfView, height: int, width: int) -> np
     """Model-resolution probability (S, S) -> probability at source resolution (zero outside the FOV).
     The border is written with the resize's output in one pass (not zeros, then a copy into them):
     at 1920x1080 this map is 8 MB a frame."""
-    inside = cv2.resize(prob.astype(np.float32, copy=False), (fov.width, fov.height), interpolation=cv2.INTER_LINEAR)
-    return _bordered(inside, fov, height, width)
+    return _bordered(_resized(prob, fov), fov, height, width)
 
 
 def to_source_mask(prob: np.ndarray, fov: FieldOfView, height: int, width: int, threshold: float) -> np.ndarray:
@@ -100,8 +99,11 @@ def to_source_mask(prob: np.ndarray, fov: FieldOfView, height: int, width: int, 
     bordered as one byte a pixel instead of four (the smoother's support map, every frame)."""
     if not threshold > 0:
         return to_source(prob, fov, height, width) >= threshold
-    inside = cv2.resize(prob.astype(np.float32, copy=False), (fov.width, fov.height), interpolation=cv2.INTER_LINEAR)
-    return _bordered((inside >= threshold).view(np.uint8), fov, height, width).view(bool)
+    return _bordered((_resized(prob, fov) >= threshold).view(np.uint8), fov, height, width).view(bool)
+
+
+def _resized(prob: np.ndarray, fov: FieldOfView) -> np.ndarray:
+    return cv2.resize(prob.astype(np.float32, copy=False), (fov.width, fov.height), interpolation=cv2.INTER_LINEAR)
 
 
 def _bordered(inside: np.ndarray, fov: FieldOfView, height: int, width: int) -> np.ndarray:

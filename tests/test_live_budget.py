@@ -36,7 +36,7 @@ def test_the_stand_in_returns_the_real_models_probabilities(rt_tiny_model_dir):
     assert len(table) == live_budget.REPLAYED
     stand_in = live_budget.StandIn(seg, 0, table)
     inputs = [item.x for item in map(live_budget.Stages(stand_in).preprocess,
-                                     live_budget.DemoSource(size=(96, 128), realtime=False, fps=30.0, frames=2, seed=7))]
+                                     live_budget.demo((96, 128), 2, fps=30.0))]
     out = stand_in.infer(torch.from_numpy(np.stack(inputs)))
     assert out.shape == (2, 1, seg.config.image_size, seg.config.image_size)
     assert np.array_equal(out[0, 0].numpy(), table[live_budget.fingerprint(inputs[0])])

@@ -70,10 +70,13 @@ def make_variant(spec: str, seg: Segmenter, device: str) -> Backend:
     return Autocast(backend, DTYPES[precision]) if DTYPES[precision] else backend
 
 
+REPLAYED = 32  # distinct demo frames a run renders once, then replays
+
+
 def demo(size, frames: int, realtime: bool = False, fps: float = 30.0) -> DemoSource:
     """32 frames rendered once, then replayed: at 1920x1080 the renderer alone (about 34 fps on one
     core) bounded the first GPU run's end-to-end figure."""
-    return DemoSource(size=size, realtime=realtime, fps=fps, frames=frames, seed=7, loop=32)
+    return DemoSource(size=size, realtime=realtime, fps=fps, frames=frames, seed=7, loop=REPLAYED)
 
 
 def masks_through_chain(backend: Backend, size, frames: int) -> list[np.ndarray]:
@@ -154,9 +157,12 @@ def preset_model_ms(preset: str, device: str, iters: int) -> dict:
     return row
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str, flag: str = "--sizes") -> tuple[int, int]:
+    """(H, W) from WxH."""
     w, _, h = text.partition("x")
-    return int(h), int(w)  # (H, W) from WxH
+    if not (w.isdigit() and h.isdigit()):
+        raise SystemExit(f"error: {flag} {text!r}: expected WIDTHxHEIGHT, e.g. 1920x1080")
+    return int(h), int(w)
 
 
 def main(argv=None) -> int:

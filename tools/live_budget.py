@@ -34,10 +34,10 @@ from syndiff_stream.gating import GateConfig
 from syndiff_stream.machine import cpu_facts
 from syndiff_stream.model import Segmenter
 from syndiff_stream.pipeline import Mode, Pipeline
-from syndiff_stream.sources import DemoSource
 from syndiff_stream.stages import Stages, default_smoothing
 
-REPLAYED = 32  # distinct frames a run replays
+from device_check import REPLAYED, demo, parse_size  # the GPU check's replayed demo scene, its sizes
+
 SETTINGS = {"device_check": (False, GateConfig.off), "run": (True, GateConfig)}
 
 
@@ -67,15 +67,11 @@ class StandIn(Backend):
         return torch.from_numpy(out)
 
 
-def demo(size: tuple[int, int], frames: int, fps: float) -> DemoSource:
-    return DemoSource(size=size, realtime=True, fps=fps, frames=frames, seed=7, loop=REPLAYED)
-
-
 def real_probabilities(seg: Segmenter, size: tuple[int, int], fps: float, backend_name: str) -> dict[bytes, np.ndarray]:
     stages = Stages(make_backend(backend_name, seg))
     try:
         out = {}
-        for frame in DemoSource(size=size, realtime=False, fps=fps, frames=REPLAYED, seed=7):  # as `demo` renders
+        for frame in demo(size, REPLAYED, fps=fps):  # the frames a live run replays
             item = stages.preprocess(frame)
             out[fingerprint(item.x)] = stages.infer([item])[0]
         return out
@@ -86,16 +82,9 @@ def real_probabilities(seg: Segmenter, size: tuple[int, int], fps: float, backen
 def live_run(seg: Segmenter, backend: Backend, size, frames: int, fps: float, setting: str) -> dict:
     smooth, gate = SETTINGS[setting]
     stages = Stages(backend, smoothing=default_smoothing(smooth, seg.config), gating=gate())
-    stats = Pipeline(demo(size, frames, fps), backend, mode=Mode.LIVE, stages=stages).run().as_dict()
+    stats = Pipeline(demo(size, frames, realtime=True, fps=fps), backend, mode=Mode.LIVE, stages=stages).run().as_dict()
     keep = ("latency_ms", "wait_ms", "model_call_ms", "finish_ms", "inter_arrival_ms", "dropped", "e2e_fps")
     return {k: stats[k] for k in keep}
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    w, _, h = text.partition("x")
-    if not (w.isdigit() and h.isdigit()):
-        raise SystemExit(f"error: --size {text!r}: expected WIDTHxHEIGHT, e.g. 1920x1080")
-    return int(h), int(w)
 
 
 def main(argv=None) -> int:
@@ -108,7 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--settings", default="device_check,run", help=f"any of {', '.join(SETTINGS)}")
     parser.add_argument("--backend", default="onnx", help="what computes the probabilities beforehand")
     args = parser.parse_args(argv)
-    size = parse_size(args.size)
+    size = parse_size(args.size, "--size")
     settings = args.settings.split(",")
     if unknown := [s for s in settings if s not in SETTINGS]:
         raise SystemExit(f"error: --settings {','.join(unknown)}: not one of {', '.join(SETTINGS)}")
