@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from itertools import islice
 from types import SimpleNamespace
@@ -59,7 +60,8 @@ def time_steps(seg: Segmenter, x: torch.Tensor, steps: int, repeats: int = 1, wa
 def throughput(backend: Backend, x: torch.Tensor, seconds: float = 1.0, min_calls: int = 2) -> float:
     """Frames per second of the model alone, run as the pipeline runs it: the backend's runner
     (`backend.workers` batches in flight, one per core with ONNX Runtime on CPU), each call the
-    batch `x`, after one warm-up call per worker; timed for about `seconds` (at least `min_calls`
+    batch `x`, a new call submitted as soon as the oldest is collected (in order, as the pipeline
+    collects), after one warm-up call per worker; timed for about `seconds` (at least `min_calls`
     calls per worker). The CPU paths' probe and tools/speed_paths.py both measure with it."""
     from .engine import HostRunner
 
@@ -71,10 +73,12 @@ def throughput(backend: Backend, x: torch.Tensor, seconds: float = 1.0, min_call
             handle.result()
         calls, start = 0, time.perf_counter()
         deadline = start + seconds
-        while calls < min_calls * depth or time.perf_counter() < deadline:
-            for handle in [runner.submit(items) for _ in range(depth)]:
-                handle.result()
-            calls += depth
+        in_flight = deque(runner.submit(items) for _ in range(depth))
+        while in_flight:
+            in_flight.popleft().result()
+            calls += 1
+            if calls + len(in_flight) < min_calls * depth or time.perf_counter() < deadline:
+                in_flight.append(runner.submit(items))
         sync(backend.device)
         return calls * len(x) / (time.perf_counter() - start)
     finally:

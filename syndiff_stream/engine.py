@@ -65,32 +65,32 @@ class Done:
 
 
 class HostRunner:
-    """CPU path: stack the prepared inputs, infer, return numpy.
+    """CPU path: the backend batches the prepared inputs and infers; numpy in and out.
 
     A backend with `workers` > 1 (ONNX Runtime: one single-threaded session call per core) gets a
-    thread pool and that many batches in flight; the pipeline still collects them in order."""
+    thread pool and that many batches in flight; the pipeline still collects them in order. The
+    worker, not the submitting thread, batches the rows (`Backend.infer_rows`)."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
         self.depth = max(1, backend.workers)  # batches in flight
         self.pool = ThreadPoolExecutor(self.depth, thread_name_prefix="infer") if self.depth > 1 else None
 
-    def _run(self, x: torch.Tensor) -> np.ndarray:
-        return self.backend.infer_numpy(x)
+    def _call(self, rows: list[np.ndarray]) -> Done | Future:
+        return self.pool.submit(self.backend.infer_rows, rows) if self.pool else Done(self.backend.infer_rows(rows))
 
     def submit(self, items: Sequence[Prepared]) -> Done | Future:
-        x = torch.from_numpy(np.stack([item.x for item in items]))
-        return self.pool.submit(self._run, x) if self.pool else Done(self._run(x))
+        return self._call([item.x for item in items])
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """One call per batch size on every pool thread at once, before the first frame: a first
-        call allocates (ORT's arena, each thread's scratch), and on a live stream its 100-400 ms
-        would fall on the first frames, which then wait past the budget or crowd the buffer."""
+        call allocates (ORT's arena, each thread's scratch and bound buffers), and on a live stream
+        its 100-400 ms would fall on the first frames, which then wait past the budget or crowd the
+        buffer."""
         size = self.backend.input_size
         for n in batch_sizes:
-            x = torch.zeros(n, 3, size, size)
-            for handle in [self.pool.submit(self._run, x) if self.pool else Done(self._run(x))
-                           for _ in range(self.depth)]:
+            rows = [np.zeros((3, size, size), np.float32)] * n
+            for handle in [self._call(rows) for _ in range(self.depth)]:
                 handle.result()
 
     def close(self) -> None:

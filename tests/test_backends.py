@@ -1,4 +1,5 @@
 import importlib.util
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -130,6 +131,23 @@ def test_onnx_splits_threads_into_parallel_workers(rt_tiny_segmenter, demo_input
     assert ort.configure(2) == 2 and threads() == 1  # recorded pipeline: a 1-thread call per core
     assert torch.allclose(ort.infer(demo_inputs), expected, atol=1e-5)
     assert ort.configure(8) == 2  # never more workers than threads
+
+
+def test_onnx_rows_run_into_each_threads_own_buffers(rt_tiny_segmenter, demo_inputs, tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNDIFF_CACHE", str(tmp_path))
+    ort = OnnxBackend(rt_tiny_segmenter, threads=2, dynamo=False)
+    rows = list(demo_inputs.numpy())
+    expected = ort.infer_numpy(demo_inputs)
+    first = ort.infer_rows(rows[:1])  # buffers for one frame, then grown to three, then a view of two
+    kept = first.copy()
+    for n in (3, 2, 3):
+        assert np.allclose(ort.infer_rows(rows[:n]), expected[:n], atol=1e-5)
+    assert np.array_equal(first, kept)  # a result is the caller's: later calls do not write into it
+    ort.configure(2)  # a new session: new bindings
+    with ThreadPoolExecutor(2) as pool:  # two threads at once, each its own rows
+        calls = [pool.submit(ort.infer_rows, rows[i:i + 1] * 2) for i in (0, 1, 2, 0, 1, 2)]
+        for i, call in zip((0, 1, 2, 0, 1, 2), calls):
+            assert np.allclose(call.result(), expected[[i, i]], atol=1e-5)
 
 
 def test_a_batch_norm_model_exports_with_parity_and_without_group_norms(demo_inputs, tmp_path, monkeypatch):

@@ -64,3 +64,37 @@ def test_the_gemm_probe_reads_every_library_at_hand():
     probes = matmul_probes(1, sizes=(64,), seconds=0.05)
     assert set(probes) == {"torch"} | ({"onnxruntime"} if importlib.util.find_spec("onnxruntime") else set())
     assert all(v > 0 for v in probes.values())
+
+
+def test_throughput_submits_the_next_call_as_soon_as_the_oldest_is_collected(rt_tiny_segmenter):
+    """As the pipeline does: not in rounds that wait for every call in flight to end."""
+    import threading
+
+    import numpy as np
+    import torch
+
+    from syndiff_stream.backends import Backend
+    from syndiff_stream.benchmark import throughput
+
+    class Overlapping(Backend):
+        workers = 2
+
+        def __init__(self, seg):
+            super().__init__(seg)
+            self.started = [threading.Event() for _ in range(8)]
+            self.calls, self.lock, self.saw_next = 0, threading.Lock(), None
+
+        def infer_rows(self, rows):
+            with self.lock:
+                index, self.calls = self.calls, self.calls + 1
+            if index < len(self.started):
+                self.started[index].set()
+            if index == 3:  # the second timed call ends only once a third has started beside it
+                self.saw_next = self.started[4].wait(timeout=2)
+            return np.zeros((len(rows), self.input_size, self.input_size), np.float32)
+
+    backend = Overlapping(rt_tiny_segmenter)
+    size = backend.input_size
+    fps = throughput(backend, torch.zeros(2, 3, size, size), seconds=0, min_calls=2)
+    assert backend.saw_next is True
+    assert backend.calls >= 2 + 4 and fps > 0  # two warm-up calls, then min_calls per worker
