@@ -456,7 +456,7 @@ class OnnxBackend(Backend):
         """The rows stacked straight into this thread's input buffer and the model's output written
         into its output buffer (ORT's I/O binding), both kept from call to call: no per-call
         allocation of a batch and an output of 1-3 MB each, nor the copies of `infer`'s torch
-        round trip, on a core that is the model's (docs/runtime.md, the runner's share)."""
+        round trip, on a core that is the model's (docs/runtime.md, "The runner's part, placed")."""
         import onnxruntime as ort
 
         n = len(rows)
