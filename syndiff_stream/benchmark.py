@@ -85,6 +85,19 @@ def throughput(backend: Backend, x: torch.Tensor, seconds: float = 1.0, min_call
         runner.close()
 
 
+def model_alone(backend: Backend, source: Source, batch: int, seconds: float = 2.0) -> float | None:
+    """The model's frames a second with the cores to itself: the source's first `batch` frames,
+    prepared beforehand, run as the pipeline runs them (`throughput`). Inside the pipeline the
+    model shares the cores with decoding and finishing, so the pipeline's own `model_fps` cannot
+    say whether the model is near the machine's ceiling; this can."""
+    images = [f.image for f in islice(source, batch)]
+    source.close()
+    if not images:
+        return None
+    x = torch.from_numpy(np.stack([prepare(im, backend.input_size)[0] for im in images]))
+    return throughput(backend, x, seconds)
+
+
 def _check_comparison(images: list, rounds: int) -> None:
     if not images:
         raise ValueError("the source gave no frames to compare on")
@@ -163,8 +176,11 @@ def compare_models(backends: dict[str, Backend], source: Source, frames: int = 8
 def run_benchmark(seg: Segmenter, backend: Backend, make_source: Callable[[], Source], frames: int = 200,
                   mode: Mode | None = None, batch_size: int | None = None, compare_steps: int = 0,
                   compare_frames: int = 3, compare_rounds: int = 5, smoothing: SmoothingConfig | None = None,
-                  live: LivePolicy | None = None, compare_backends: dict[str, Backend] | None = None) -> dict:
-    """One JSON-ready dict; `make_source` is called once per measurement (each needs fresh frames)."""
+                  live: LivePolicy | None = None, compare_backends: dict[str, Backend] | None = None,
+                  alone_seconds: float = 2.0) -> dict:
+    """One JSON-ready dict; `make_source` is called once per measurement (each needs fresh frames).
+    After the pipeline run the model is timed alone for `alone_seconds` (0: not), for the ceiling
+    block's `model_alone_*` figures."""
     from .publish import Publisher  # here: the timing helpers above serve hosts without ZeroMQ (a lent GPU)
 
     source = make_source()
@@ -180,7 +196,8 @@ def run_benchmark(seg: Segmenter, backend: Backend, make_source: Callable[[], So
         "cpu_path": backend.cpu_path, "cpu_path_choice": backend.choice,
     }
     threads = getattr(backend, "threads", None) or torch.get_num_threads()
-    report["ceiling"] = ceiling(seg, threads, report["model_fps"], report["e2e_fps"], backend.device)
+    alone = model_alone(backend, make_source(), pipeline.batch_size, alone_seconds) if alone_seconds > 0 else None
+    report["ceiling"] = ceiling(seg, threads, report["model_fps"], report["e2e_fps"], backend.device, alone)
     if compare_steps:
         report.update(compare_step_counts(seg, make_source(), compare_steps, compare_frames, compare_rounds))
     if compare_backends:

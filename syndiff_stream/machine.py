@@ -124,20 +124,26 @@ def matmul_gflops(threads: int, device: torch.device | None = None, size: int | 
     return max(matmul_probes(threads, device, (size,) if size else PROBE_SIZES, seconds).values())
 
 
-def ceiling(seg, threads: int, model_fps: float, e2e_fps: float, device: torch.device | None = None) -> dict:
+def ceiling(seg, threads: int, model_fps: float, e2e_fps: float, device: torch.device | None = None,
+            model_alone_fps: float | None = None) -> dict:
     """The frame rate the machine's fp32 throughput allows for this model, and the share of it the
-    model and the pipeline reach (`bench`'s `ceiling` block; docs/runtime.md)."""
+    model and the pipeline reach (`bench`'s `ceiling` block; docs/runtime.md). `model_fps` is the
+    model inside the pipeline, sharing the cores with decoding and finishing; `model_alone_fps`
+    the model with the cores to itself, the figure a kernel or runtime change moves."""
     flops = model_flops(seg, torch.device("cpu"))
     probes = matmul_probes(threads, device)
     library = max(probes, key=probes.get)
     gflops = probes[library]
     top = gflops * 1e9 / flops
+    share = lambda fps: round(fps / top, 3) if fps else None  # noqa: E731
+    of = lambda fps, whole: round(fps / whole, 3) if fps and whole else None  # noqa: E731
     out = {"cpu": cpu_facts(), "threads": threads, "matmul_gflops": round(gflops, 1), "matmul_library": library,
            "matmul_probes": {k: round(v, 1) for k, v in probes.items()},
            "model_gflop_per_frame": round(flops / 1e9, 4), "ceiling_fps": round(top, 1),
-           "model_share": round(model_fps / top, 3) if model_fps else None,
-           "pipeline_share": round(e2e_fps / top, 3) if e2e_fps else None,
-           "pipeline_of_model": round(e2e_fps / model_fps, 3) if model_fps and e2e_fps else None}
+           "model_alone_fps": round(model_alone_fps, 2) if model_alone_fps else None,
+           "model_alone_share": share(model_alone_fps),
+           "model_share": share(model_fps), "pipeline_share": share(e2e_fps),
+           "pipeline_of_model": of(e2e_fps, model_fps), "pipeline_of_model_alone": of(e2e_fps, model_alone_fps)}
     if device is not None and device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
     return out

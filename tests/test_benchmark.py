@@ -25,7 +25,8 @@ def test_bench_reports_the_machine_ceiling_and_the_share_reached(rt_tiny_segment
     from syndiff_stream.machine import model_flops
 
     backend = EagerBackend(rt_tiny_segmenter)
-    report = run_benchmark(rt_tiny_segmenter, backend, lambda: DemoSource(size=(72, 90), frames=6, seed=1), frames=6)
+    report = run_benchmark(rt_tiny_segmenter, backend, lambda: DemoSource(size=(72, 90), frames=6, seed=1), frames=6,
+                           alone_seconds=0.2)
     c = report["ceiling"]
     assert c["cpu"]["model"] and c["cpu"]["kernel_capability"] and isinstance(c["cpu"]["vector_extensions"], list)
     assert c["model_gflop_per_frame"] == round(model_flops(rt_tiny_segmenter) / 1e9, 4) > 0
@@ -36,6 +37,30 @@ def test_bench_reports_the_machine_ceiling_and_the_share_reached(rt_tiny_segment
     assert c["model_share"] == pytest.approx(report["model_fps"] / c["ceiling_fps"], rel=0.01, abs=1e-3)
     assert c["pipeline_share"] == pytest.approx(report["e2e_fps"] / c["ceiling_fps"], rel=0.01, abs=1e-3)
     assert c["pipeline_of_model"] == pytest.approx(report["e2e_fps"] / report["model_fps"], rel=0.01)
+    # the model with the cores to itself, timed after the pipeline run on the same frames
+    assert c["model_alone_fps"] > 0
+    assert c["model_alone_share"] == pytest.approx(c["model_alone_fps"] / c["ceiling_fps"], rel=0.01, abs=1e-3)
+    assert c["pipeline_of_model_alone"] == pytest.approx(report["e2e_fps"] / c["model_alone_fps"], rel=0.01)
+    untimed = run_benchmark(rt_tiny_segmenter, backend, lambda: DemoSource(size=(72, 90), frames=2, seed=1), frames=2,
+                            alone_seconds=0)["ceiling"]
+    assert untimed["model_alone_fps"] is None and untimed["model_alone_share"] is None
+
+
+def test_the_model_alone_runs_the_sources_first_frames_as_the_pipeline_batches_them(rt_tiny_segmenter, monkeypatch):
+    import numpy as np
+
+    from syndiff_stream import benchmark
+    from syndiff_stream.backends import EagerBackend
+    from syndiff_stream.preprocess import prepare
+
+    seen = {}
+    monkeypatch.setattr(benchmark, "throughput", lambda backend, x, seconds: seen.update(x=x, seconds=seconds) or 123.0)
+    backend = EagerBackend(rt_tiny_segmenter)
+    assert benchmark.model_alone(backend, DemoSource(size=(72, 90), frames=6, seed=1), batch=3, seconds=0.5) == 123.0
+    frames = list(DemoSource(size=(72, 90), frames=3, seed=1))
+    expected = np.stack([prepare(f.image, backend.input_size)[0] for f in frames])
+    assert seen["seconds"] == 0.5 and np.array_equal(seen["x"].numpy(), expected)
+    assert benchmark.model_alone(backend, DemoSource(size=(72, 90), frames=0, seed=1), batch=3) is None
 
 
 def test_flops_of_a_convolution_are_counted_as_two_per_multiply_add():
