@@ -24,7 +24,7 @@ from .model import Segmenter
 from .pipeline import Pipeline
 from .preprocess import prepare
 from .smoothing import SmoothingConfig, evaluate_smoothing
-from .sources import Source
+from .sources import Source, SourceError
 from .stages import Stages
 
 
@@ -196,8 +196,15 @@ def run_benchmark(seg: Segmenter, backend: Backend, make_source: Callable[[], So
         "cpu_path": backend.cpu_path, "cpu_path_choice": backend.choice,
     }
     threads = getattr(backend, "threads", None) or torch.get_num_threads()
-    alone = model_alone(backend, make_source(), pipeline.batch_size, alone_seconds) if alone_seconds > 0 else None
+    alone, why_not = None, None
+    if alone_seconds > 0:
+        try:
+            alone = model_alone(backend, make_source(), pipeline.batch_size, alone_seconds)
+        except SourceError as exc:  # a stream that will not open twice: keep what the run measured
+            why_not = str(exc)
     report["ceiling"] = ceiling(seg, threads, report["model_fps"], report["e2e_fps"], backend.device, alone)
+    if why_not:
+        report["ceiling"]["model_alone_skipped"] = why_not
     if compare_steps:
         report.update(compare_step_counts(seg, make_source(), compare_steps, compare_frames, compare_rounds))
     if compare_backends:

@@ -123,3 +123,21 @@ def test_throughput_submits_the_next_call_as_soon_as_the_oldest_is_collected(rt_
     fps = throughput(backend, torch.zeros(2, 3, size, size), seconds=0, min_calls=2)
     assert backend.saw_next is True
     assert backend.calls >= 2 + 4 and fps > 0  # two warm-up calls, then min_calls per worker
+
+
+def test_a_source_that_will_not_open_again_keeps_the_pipelines_figures(rt_tiny_segmenter):
+    from syndiff_stream.backends import EagerBackend
+    from syndiff_stream.benchmark import run_benchmark
+    from syndiff_stream.sources import SourceError
+
+    opened = []
+
+    def make_source():
+        if opened:
+            raise SourceError("rtsp://camera: busy")
+        opened.append(1)
+        return DemoSource(size=(72, 90), frames=3, seed=1)
+
+    report = run_benchmark(rt_tiny_segmenter, EagerBackend(rt_tiny_segmenter), make_source, frames=3, alone_seconds=0.2)
+    assert report["frames_out"] == 3 and report["ceiling"]["model_share"] > 0
+    assert report["ceiling"]["model_alone_fps"] is None and "busy" in report["ceiling"]["model_alone_skipped"]
