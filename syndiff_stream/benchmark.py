@@ -90,12 +90,20 @@ def model_alone(backend: Backend, source: Source, batch: int, seconds: float = 2
     prepared beforehand, run as the pipeline runs them (`throughput`). Inside the pipeline the
     model shares the cores with decoding and finishing, so the pipeline's own `model_fps` cannot
     say whether the model is near the machine's ceiling; this can."""
-    images = [f.image for f in islice(source, batch)]
+    images = first_images(source, batch)
+    return throughput(backend, prepared_batch(images, backend.input_size), seconds) if images else None
+
+
+def first_images(source: Source, n: int) -> list[np.ndarray]:
+    """The images of the source's first `n` frames; the source is closed after them."""
+    images = [f.image for f in islice(source, n)]
     source.close()
-    if not images:
-        return None
-    x = torch.from_numpy(np.stack([prepare(im, backend.input_size)[0] for im in images]))
-    return throughput(backend, x, seconds)
+    return images
+
+
+def prepared_batch(images: list[np.ndarray], size: int) -> torch.Tensor:
+    """Images as the model's input batch (N, 3, size, size), prepared as the pipeline prepares them."""
+    return torch.from_numpy(np.stack([prepare(im, size)[0] for im in images]))
 
 
 def _check_comparison(images: list, rounds: int) -> None:
@@ -118,11 +126,10 @@ def compare_step_counts(seg: Segmenter, source: Source, steps: int, frames: int 
     shared machine hits both alike); the speedup is the median of the rounds' ratios, reported
     with their range, so a reader sees how far one number can be trusted."""
     size = seg.config.image_size
-    images = [f.image for f in islice(source, frames)]
-    source.close()
+    images = first_images(source, frames)
     _check_comparison(images, rounds)
     device = next(seg.parameters()).device
-    x = torch.from_numpy(np.stack([prepare(im, size)[0] for im in images])).to(device)
+    x = prepared_batch(images, size).to(device)
     time_steps(seg, x[:1], 1, repeats=2)  # warm-up of both paths, untimed
     time_steps(seg, x[:1], steps, warmup=False)
     single, multi = [], []
